@@ -1,0 +1,126 @@
+"""ADTN rows of docs/results.md: encoded layers vs SVD at the same budget.
+
+  python bench/results_adtn.py --models fc2 lenet5
+
+Per model: ``train.py`` with ``pipeline=adtn`` (baseline -> encode the
+selected dense layers as ADTNs -> train end to end), then, from the same
+baseline, the same layers split by SVD at the rank whose parameter count is
+closest to (not below) the ADTN's, fine-tuned with the same settings. The
+decode time per step is measured by ``lowrank_jax.decode_time``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS_JSON = os.path.join(ROOT, 'docs', 'results_adtn.json')
+
+SETTINGS = {
+    'fc2': dict(select='fc1', num_epochs=8, train_epochs=4, depth=4),
+    'lenet5': dict(select='fc1|fc2', num_epochs=8, train_epochs=4, depth=4),
+}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', nargs='+', default=list(SETTINGS))
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--root', default=os.path.join(ROOT, 'runs', 'adtn'))
+  args = parser.parse_args()
+
+  import jax
+  import lowrank_jax as lj
+  from lowrank_jax import pipelines, training, tree
+  from configs import default  # noqa: F401  (configs importable)
+  import importlib
+
+  results = {}
+  if os.path.exists(RESULTS_JSON):
+    with open(RESULTS_JSON) as f:
+      results = json.load(f)
+  for model_name in args.models:
+    s = SETTINGS[model_name]
+    workdir = os.path.join(args.root, f'{model_name}_adtn_s{args.seed}')
+    cmd = [sys.executable, 'train.py', f'--config=configs/{model_name}.py',
+           f'--workdir={workdir}', '--config.pipeline=adtn',
+           f'--config.seed={args.seed}', f'--config.num_epochs={s["num_epochs"]}',
+           f'--config.adtn.select={s["select"]}',
+           f'--config.adtn.depth={s["depth"]}',
+           f'--config.finetune.num_epochs={s["train_epochs"]}',
+           '--config.finetune.learning_rate=0.003',
+           '--config.progress=False', '--config.checkpoint_every_steps=0']
+    shown = ' '.join(shlex.quote(a) for a in ['python'] + cmd[1:])
+    print('$', shown, flush=True)
+    t0 = time.time()
+    os.makedirs(args.root, exist_ok=True)
+    with open(workdir + '.log', 'w') as log:
+      subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                     check=True)
+    with open(os.path.join(workdir, 'report.json')) as f:
+      report = json.load(f)
+    stages = {st['name']: st for st in report['stages']}
+    encoded = {p: d['encode'] for p, d in report['layers'].items()
+               if d.get('encode', {}).get('action') == 'split'}
+    adtn_params = sum(d['params_after'] for d in encoded.values())
+    dense_params = sum(d['params_before'] for d in encoded.values())
+
+    # SVD at the same budget, same baseline, same fine-tuning.
+    config = importlib.import_module(f'configs.{model_name}').get_config()
+    config.seed = args.seed
+    config.num_epochs = s['num_epochs']
+    config.finetune.num_epochs = s['train_epochs']
+    config.finetune.learning_rate = 0.003
+    config.progress = False
+    config.checkpoint_every_steps = 0
+    base = training.load_variables(os.path.join(workdir, 'stages',
+                                                'baseline'))
+    layers = tree.layers(base['params'])
+    per_layer_budget = {p: encoded[p]['params_after'] for p in encoded}
+    ranks = {}
+    for p, budget in per_layer_budget.items():
+      rows, cols = layers[p]['kernel'].shape
+      bias = layers[p]['bias'].size if 'bias' in layers[p] else 0
+      ranks[p] = max(1, math.ceil((budget - bias) / (rows + cols)))
+    svd = lj.svd_split(base, ranks)
+    svd_params = sum(lj.count_params(svd, per_layer=True)[p] for p in ranks)
+    dataset = training.load_dataset(config)
+    model = lj.get_model(model_name, num_classes=dataset.num_classes)
+    svd_before = pipelines.evaluate_variables(model, svd, dataset)['accuracy']
+    state, _ = training.train(pipelines.finetune_config(config),
+                              workdir + '_svd', dataset=dataset,
+                              variables=svd, stage_name='svd_finetune',
+                              model=model)
+    svd_after = pipelines.evaluate_variables(model, state.variables,
+                                             dataset)['accuracy']
+    row = {
+        'model': model_name, 'command': shown,
+        'layers': sorted(encoded), 'depth': s['depth'],
+        'dense_params': dense_params, 'adtn_params': adtn_params,
+        'rel_error': {p: d['rel_error'] for p, d in encoded.items()},
+        'baseline_acc': stages['baseline']['test']['accuracy'],
+        'adtn_after_encode_acc': stages['encode']['test']['accuracy'],
+        'adtn_final_acc': stages['train']['test']['accuracy'],
+        'decode_s_per_step': stages['encode'].get('decode_s_per_step'),
+        'model_params_before': stages['baseline']['params'],
+        'model_params_after': stages['train']['params'],
+        'svd_ranks': ranks, 'svd_params': svd_params,
+        'svd_after_split_acc': svd_before, 'svd_final_acc': svd_after,
+        'run_s': time.time() - t0,
+    }
+    results[model_name] = row
+    print(json.dumps(row), flush=True)
+    with open(RESULTS_JSON, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,88 @@
+"""Registry of layer forms: every decomposition plugs in here as one module.
+
+A form module defines:
+
+* ``NAME``: its registry name.
+* ``KEYS``: the variable names (besides ``bias``) that identify it.
+* ``FACTORS``: the variables that are factor matrices (for the orthogonality
+  penalty; leading axes are flattened, the last kept).
+* ``SUPPORTS_GROUPS``: whether it can run a grouped conv.
+* ``forward(v, x, spec)``: the layer's output without bias.
+* ``to_kernel(v)``: the equivalent dense kernel (HWIO, or (C_in, C_out)).
+* ``from_kernel(kernel, ranks, **options)``: variables of this form.
+* ``ranks(v)``: its ranks as a tuple of ints, read from shapes.
+* ``flops(v, spec, in_shape, out_shape)``: multiply-adds for one call.
+* optionally ``refine(v, ranks, **options)``: re-compress a layer already in
+  this form without going through the dense kernel (Tucker-2 by its core).
+
+Adding a decomposition is adding a module and one ``register`` call.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Iterable
+
+from lowrank_jax.forms import adtn
+from lowrank_jax.forms import base
+from lowrank_jax.forms import cp
+from lowrank_jax.forms import dense
+from lowrank_jax.forms import overparam
+from lowrank_jax.forms import svd
+from lowrank_jax.forms import tucker2
+from lowrank_jax.forms.base import LayerSpec
+
+FORMS: dict[str, types.ModuleType] = {}
+_BY_KEYS: dict[frozenset, str] = {}
+
+
+def register(module: types.ModuleType) -> types.ModuleType:
+  """Adds a form module to the registry (its KEYS must be new)."""
+  keys = frozenset(module.KEYS)
+  if keys in _BY_KEYS and _BY_KEYS[keys] != module.NAME:
+    raise ValueError(f'form {module.NAME!r} has the same variables as '
+                     f'{_BY_KEYS[keys]!r}: {sorted(keys)}')
+  FORMS[module.NAME] = module
+  _BY_KEYS[keys] = module.NAME
+  return module
+
+
+for _m in (dense, tucker2, svd, cp, overparam, adtn):
+  register(_m)
+
+
+def identify(names: Iterable[str], *, strict: bool = True) -> str | None:
+  """The form whose variables are exactly ``names`` (``bias`` aside).
+
+  Args:
+    names: variable names held by a layer.
+    strict: raise ValueError instead of returning None when nothing matches.
+  """
+  keys = frozenset(names) - {'bias'}
+  name = _BY_KEYS.get(keys)
+  if name is None and strict:
+    raise ValueError(
+        f'variables {sorted(names)} match no registered form; known forms: '
+        + ', '.join(f'{n} {sorted(m.KEYS)}' for n, m in FORMS.items()))
+  return name
+
+
+def get(name: str) -> types.ModuleType:
+  """The form module registered as ``name``."""
+  if name not in FORMS:
+    raise ValueError(f'unknown form {name!r}; known: {sorted(FORMS)}')
+  return FORMS[name]
+
+
+def of(variables) -> types.ModuleType:
+  """The form module of a layer's variables."""
+  return FORMS[identify(variables.keys())]
+
+
+def to_kernel(variables):
+  """The dense kernel equivalent to a layer's variables, whatever its form."""
+  return of(variables).to_kernel(variables)
+
+
+__all__ = ['FORMS', 'LayerSpec', 'base', 'get', 'identify', 'of', 'register',
+           'to_kernel']

@@ -1,0 +1,360 @@
+"""The ADTN form: a weight decoded from a deep brick-wall tensor network.
+
+A kernel with ``N`` entries is the output of an automatically differentiable
+tensor network (ADTN) on ``Q = max(2, ceil(log2 N))`` two-level indices
+("qubits"), numbered ``0 .. Q-1`` with index 0 the most significant bit of the
+row-major flattened kernel:
+
+1. start from the product state ``v ⊗ v ⊗ ... ⊗ v`` with ``v = [1, 0]``, i.e.
+   the basis vector ``e_0`` of length ``2^Q``;
+2. apply ``M`` layers; layer ``m`` is the staircase (sequential sweep) of
+   ``Q - 1`` two-index gates on the neighbouring pairs
+   ``(0, 1), (1, 2), ..., (Q-2, Q-1)``, applied in that order (gate ``i`` of
+   a layer sees the output of gate ``i - 1``);
+3. between two layers (not before the first, not after the last) apply the
+   elementwise nonlinearity (``'relu'`` default, ``'tanh'``, ``'identity'``);
+4. multiply by the learned scale and keep the first ``N`` of the ``2^Q``
+   entries (padding: the ``2^Q - N`` trailing entries are decoded but never
+   used, so they are unconstrained — the fit ignores them), reshaped row-major
+   to the kernel shape (HWIO for convs, ``(C_in, C_out)`` for dense layers).
+
+Gate ``G = gates[m, i]`` has shape ``(2, 2, 2, 2)`` indexed
+``G[out_i, out_{i+1}, in_i, in_{i+1}]``; as a 4x4 matrix ``G.reshape(4, 4)``
+it maps the pair's input ``2*in_i + in_{i+1}`` to its output. Applying it is
+one small matrix product on the state reshaped to ``(2^i, 4, 2^(Q-2-i))`` — no
+layer is ever built as a ``2^Q x 2^Q`` operator. The first layer acts on the
+product state, where qubits ``i+1 .. Q-1`` are still ``|0>`` when gate ``i``
+runs, so it is contracted on the growing ``2^(i+1)`` prefix only (``O(2^Q)``);
+the other layers cost ``4 * 2^Q`` multiply-adds per gate, so decoding costs
+``O(M * Q * 2^Q)`` (see :func:`decode_macs`).
+
+Variables (the kernel shape and the nonlinearity must be readable from the
+variables alone, because ``to_kernel(v)`` receives nothing else; both ride in
+the *shapes* of zero-size arrays, which hold no parameters, are never changed
+by a gradient step, and keep every variable a float array):
+
+  adtn_gates: ``(M, Q-1, 2, 2, 2, 2)`` the gates, ``16 (Q-1) M`` parameters.
+  adtn_scale: ``()`` a learned scalar (default) or ``(C_out,)`` per-output-
+    channel scale multiplying the decoded tensor (1 or ``C_out`` parameters).
+    With near-identity gates the network's output norm is ~1 whatever the
+    kernel's norm; the scale absorbs the norm so the gates only shape it.
+  adtn_shape: ``zeros((0, *kernel_shape))`` carries the kernel shape.
+  adtn_nonlin: ``zeros((0, code))`` carries the nonlinearity,
+    ``code = 1 + NONLINEARITIES.index(name)``.
+  bias: the layer's bias, unchanged.
+
+Zero-size arrays pass through jit, grad, optax, Flax msgpack and pickle, but
+orbax's ``StandardSave`` refuses them ("Cannot save arrays with zero size"):
+a checkpoint writer must drop zero-size leaves and restore them from the
+target tree (they carry no values).
+
+The layer then runs as a dense layer/conv with the decoded kernel, so its
+``flops`` are the dense MACs; the decode is reported separately by
+:func:`decode_macs` (it does not depend on the batch).
+
+References:
+  Qing, Li, Zhou, Ran, Compressing neural network by tensor network with
+  exponentially fewer variational parameters, arXiv:2305.06058 (2023).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowrank_jax.forms import base
+
+NAME = 'adtn'
+KEYS = frozenset({'adtn_gates', 'adtn_scale', 'adtn_shape', 'adtn_nonlin'})
+FACTORS = ()
+SUPPORTS_GROUPS = True
+
+NONLINEARITIES = {
+    'relu': jax.nn.relu,
+    'tanh': jnp.tanh,
+    'identity': lambda x: x,
+}
+_NAMES = tuple(NONLINEARITIES)
+
+
+# ---------------------------------------------------------------------------
+# Sizes and metadata.
+
+
+def num_qubits(size: int) -> int:
+  """``Q = max(2, ceil(log2 size))``: the smallest ``2^Q >= size`` (Q >= 2)."""
+  if size < 1:
+    raise ValueError(f'size must be >= 1, got {size}')
+  return max(2, int(size - 1).bit_length())
+
+
+def param_count(q: int, m: int, scale_size: int = 1) -> int:
+  """Parameters of an ADTN: ``16 (Q-1) M`` gate entries plus the scale."""
+  return 16 * (q - 1) * m + scale_size
+
+
+def check_nonlinearity(name: str) -> str:
+  """Returns ``name`` if it is a known nonlinearity, else raises ValueError."""
+  if name not in NONLINEARITIES:
+    raise ValueError(f'unknown nonlinearity {name!r}; known: '
+                     f'{", ".join(_NAMES)}')
+  return name
+
+
+def kernel_shape(v) -> tuple[int, ...]:
+  """The decoded kernel's shape, read from ``adtn_shape``."""
+  return tuple(int(d) for d in v['adtn_shape'].shape[1:])
+
+
+def nonlinearity(v) -> str:
+  """The nonlinearity's name, read from ``adtn_nonlin``."""
+  return _NAMES[int(v['adtn_nonlin'].shape[1]) - 1]
+
+
+def depth(v) -> int:
+  """Number of layers ``M``."""
+  return int(v['adtn_gates'].shape[0])
+
+
+def ranks(v):
+  """``(M, Q)``: depth and number of qubits."""
+  return (int(v['adtn_gates'].shape[0]), int(v['adtn_gates'].shape[1]) + 1)
+
+
+def metadata(shape: Sequence[int], nonlin: str, dtype=jnp.float32) -> dict:
+  """The zero-size carrier variables for a kernel shape and nonlinearity."""
+  code = 1 + _NAMES.index(check_nonlinearity(nonlin))
+  return {'adtn_shape': jnp.zeros((0, *shape), dtype),
+          'adtn_nonlin': jnp.zeros((0, code), dtype)}
+
+
+# ---------------------------------------------------------------------------
+# Decoding.
+
+
+@functools.partial(jax.jit, static_argnames=('nonlin',))
+def contract(gates: jax.Array, nonlin: str = 'relu') -> jax.Array:
+  """The network's output state: a flat ``(2^Q,)`` vector.
+
+  Args:
+    gates: ``(M, Q-1, 2, 2, 2, 2)``, ``gates[m, i][o_i, o_{i+1}, i_i,
+      i_{i+1}]``.
+    nonlin: the nonlinearity applied between layers.
+
+  Returns:
+    ``(2^Q,)`` in the gates' dtype (at least float32), qubit 0 the most
+    significant bit of the index.
+  """
+  act = NONLINEARITIES[check_nonlinearity(nonlin)]
+  m_layers, q = gates.shape[0], gates.shape[1] + 1
+  dtype = jnp.promote_types(gates.dtype, jnp.float32)
+  gates = gates.astype(dtype)
+  g = gates.reshape(m_layers, q - 1, 4, 4)
+  # Layer 0 acts on the product state: when gate i runs, qubits i+1.. are
+  # still |0>, so only the 2^(i+1) amplitudes of qubits 0..i are tracked.
+  state = jnp.array([1.0, 0.0], dtype)                 # qubit 0
+  for i in range(q - 1):
+    # new[a, o_i, o_{i+1}] = sum_j G[o_i, o_{i+1}, j, 0] state[a, j]
+    state = jnp.einsum('xyj,aj->axy', gates[0, i, :, :, :, 0],
+                       state.reshape(-1, 2)).reshape(-1)
+  for m in range(1, m_layers):
+    state = act(state)
+    for i in range(q - 1):
+      s = state.reshape(2 ** i, 4, 2 ** (q - 2 - i))
+      state = jnp.einsum('ij,ajb->aib', g[m, i], s).reshape(-1)
+  return state
+
+
+def decode(gates, scale, shape: Sequence[int], nonlin: str = 'relu'):
+  """The kernel of shape ``shape`` encoded by ``gates`` and ``scale``.
+
+  The first ``prod(shape)`` entries of the state (the rest is padding),
+  reshaped row-major, times ``scale`` (a scalar, or ``(C_out,)`` broadcast
+  over the last axis).
+  """
+  n = math.prod(shape)
+  state = contract(gates, nonlin)
+  kernel = state[:n].reshape(tuple(shape))
+  return kernel * scale.astype(kernel.dtype)
+
+
+def to_kernel(v):
+  return decode(v['adtn_gates'], v['adtn_scale'], kernel_shape(v),
+                nonlinearity(v))
+
+
+def forward(v, x, spec: base.LayerSpec):
+  kernel = to_kernel(v).astype(x.dtype)
+  if spec.kind == 'conv':
+    return base.conv(x, kernel, spec)
+  return base.channel_matmul(x, kernel)
+
+
+def flops(v, spec, in_shape, out_shape):
+  """The dense layer's multiply-adds (decode cost: :func:`decode_macs`)."""
+  del spec, in_shape
+  shape = kernel_shape(v)
+  return base.spatial(out_shape) * math.prod(shape)
+
+
+def decode_macs(v) -> int:
+  """Multiply-adds of one decode (gates, first layer's prefix, scale).
+
+  Layer 0: ``sum_i 2^(i+1) * 4 = 8 (2^(Q-1) - 1)``; layers 1..M-1:
+  ``(Q-1) * 4 * 2^Q`` each; scale: ``N``.
+  """
+  m, q = ranks(v)
+  n = math.prod(kernel_shape(v))
+  return 8 * (2 ** (q - 1) - 1) + (m - 1) * (q - 1) * 4 * 2 ** q + n
+
+
+# ---------------------------------------------------------------------------
+# Initialization and fitting.
+
+
+def init_gates(key, m: int, q: int, *, noise: float = 0.1,
+               dtype=jnp.float32) -> jax.Array:
+  """Near-identity gates: ``I_4 + noise * N(0, 1)``, shape (M, Q-1, 2,2,2,2).
+
+  Deep products of random gates have outputs whose norm and direction are
+  dominated by a few gates (vanishing/exploding through M * (Q-1) factors);
+  identity-plus-noise keeps the initial output close to ``e_0`` with O(1)
+  norm, and the noise breaks the symmetry so every gate gets a gradient.
+  """
+  eye = jnp.eye(4, dtype=dtype)
+  g = eye + noise * jax.random.normal(key, (m, q - 1, 4, 4), dtype)
+  return g.reshape(m, q - 1, 2, 2, 2, 2)
+
+
+@functools.partial(jax.jit, static_argnames=('nonlin', 'steps'))
+def _fit(kernel, gates, scale, learning_rate, final_lr_ratio, clip, *,
+         nonlin, steps):
+  shape = kernel.shape
+  target = kernel.astype(gates.dtype)
+  norm2 = jnp.maximum(jnp.sum(target ** 2), jnp.finfo(target.dtype).tiny)
+
+  def loss_fn(p):
+    w = decode(p['gates'], p['scale'], shape, nonlin)
+    return jnp.sum((w - target) ** 2) / norm2
+
+  def schedule(count):
+    # Cosine decay from learning_rate to learning_rate * final_lr_ratio.
+    frac = jnp.minimum(count / max(steps, 1), 1.0)
+    cos = 0.5 * (1 + jnp.cos(jnp.pi * frac))
+    return learning_rate * (final_lr_ratio + (1 - final_lr_ratio) * cos)
+  # clip <= 0 disables clipping (an infinite threshold).
+  clip = jnp.where(clip > 0, clip, jnp.inf)
+  opt = optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule))
+  params = {'gates': gates, 'scale': scale}
+
+  def step(carry, _):
+    p, s, best_p, best_l = carry
+    loss, grad = jax.value_and_grad(loss_fn)(p)
+    better = loss < best_l
+    best_p = jax.tree.map(lambda a, b: jnp.where(better, a, b), p, best_p)
+    best_l = jnp.where(better, loss, best_l)
+    updates, s = opt.update(grad, s, p)
+    return (optax.apply_updates(p, updates), s, best_p, best_l), loss
+
+  init = (params, opt.init(params), params, jnp.asarray(jnp.inf, gates.dtype))
+  (p, _, best_p, best_l), losses = jax.lax.scan(step, init, None,
+                                                length=steps)
+  last = loss_fn(p)
+  p = jax.tree.map(lambda a, b: jnp.where(last < best_l, a, b), p, best_p)
+  return p['gates'], p['scale'], jnp.sqrt(jnp.minimum(last, best_l)), losses
+
+
+def fit(kernel, depth: int, *, nonlinearity: str = 'relu', steps: int = 2000,
+        learning_rate: float = 1e-2, final_lr_ratio: float = 0.01,
+        noise: float = 0.1, channel_scale: bool = False, clip: float = 1.0,
+        match_norm: bool = False, key: jax.Array | None = None):
+  """Fits ADTN gates to a kernel by Adam on ``||W - W_hat||^2 / ||W||^2``.
+
+  Args:
+    kernel: the target kernel (any shape; HWIO or (C_in, C_out)).
+    depth: number of layers ``M >= 1``.
+    nonlinearity: between layers: 'relu', 'tanh' or 'identity'.
+    steps: Adam steps (one jitted ``lax.scan``); 0 returns the
+      initialisation (near-identity gates, norm-matched scale).
+    learning_rate: peak learning rate (cosine decay to
+      ``learning_rate * final_lr_ratio``).
+    final_lr_ratio: see above.
+    noise: std of the Gaussian noise added to identity gates at init.
+    channel_scale: learn a ``(C_out,)`` scale instead of a scalar.
+    clip: global-norm gradient clipping threshold (<= 0 disables). The loss
+      is relative, so gradients are O(1); clipping at 1 tames the occasional
+      blow-up of deep (M >= 6) networks at learning rate 1e-2.
+    match_norm: after the fit, rescale so ``||W_hat|| = ||W||``. The
+      least-squares fit of a kernel the ADTN cannot represent (e.g. a
+      randomly initialised one, relative error ~1) shrinks ``W_hat`` towards
+      0, which kills the layer's signal and its gradients; matching the norm
+      keeps activations at the original scale for end-to-end training (at a
+      higher reconstruction error, up to ~sqrt(2)).
+    key: PRNG key of the init noise (default ``PRNGKey(0)``).
+
+  Returns:
+    ``(variables, rel_error, losses)``: the ADTN variables (without bias),
+    the relative error ``||W - W_hat|| / ||W||`` (float) of the returned
+    variables (the best iterate), and the ``(steps,)`` loss curve
+    (squared relative error).
+  """
+  depth = int(depth)
+  if depth < 1:
+    raise ValueError(f'depth must be >= 1, got {depth}')
+  check_nonlinearity(nonlinearity)
+  kernel = jnp.asarray(kernel)
+  dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+  q = num_qubits(kernel.size)
+  key = jax.random.PRNGKey(0) if key is None else key
+  gates = init_gates(key, depth, q, noise=noise, dtype=dtype)
+  # Scale: the initial decode's norm matched to the kernel's (a scalar, or
+  # that scalar for every output channel).
+  w0 = decode(gates, jnp.ones((), dtype), kernel.shape, nonlinearity)
+  k = kernel.astype(dtype)
+  scale = jnp.linalg.norm(k) / jnp.maximum(jnp.linalg.norm(w0), 1e-30)
+  if channel_scale:
+    scale = jnp.full((kernel.shape[-1],), scale)
+  scale = scale.astype(dtype)
+  if steps < 0:
+    raise ValueError(f'steps must be >= 0, got {steps}')
+  if steps:
+    gates, scale, err, losses = _fit(
+        k, gates, scale, jnp.asarray(learning_rate, dtype),
+        jnp.asarray(final_lr_ratio, dtype), jnp.asarray(clip, dtype),
+        nonlin=nonlinearity, steps=int(steps))
+  else:  # the initialisation itself (nothing to compile)
+    err = jnp.linalg.norm(w0 * scale - k) / jnp.maximum(jnp.linalg.norm(k),
+                                                        1e-30)
+    losses = jnp.zeros((0,), dtype)
+  if match_norm:
+    w_hat = decode(gates, scale, kernel.shape, nonlinearity)
+    scale = scale * (jnp.linalg.norm(k) /
+                     jnp.maximum(jnp.linalg.norm(w_hat), 1e-30))
+    w_hat = decode(gates, scale, kernel.shape, nonlinearity)
+    err = jnp.linalg.norm(w_hat - k) / jnp.maximum(jnp.linalg.norm(k),
+                                                   1e-30)
+  variables = {'adtn_gates': gates.astype(kernel.dtype),
+               'adtn_scale': scale.astype(kernel.dtype),
+               **metadata(kernel.shape, nonlinearity, kernel.dtype)}
+  return variables, float(err), losses
+
+
+def from_kernel(kernel, ranks, **options):
+  """ADTN variables fitted to ``kernel`` (see :func:`fit` for options).
+
+  Args:
+    kernel: the dense kernel.
+    ranks: the depth ``M`` (an int or a 1-tuple).
+    **options: passed to :func:`fit`.
+
+  Returns:
+    ``{'adtn_gates', 'adtn_scale', 'adtn_shape', 'adtn_nonlin'}``.
+  """
+  m = ranks[0] if isinstance(ranks, (tuple, list)) else ranks
+  variables, _, _ = fit(kernel, int(m), **options)
+  return variables

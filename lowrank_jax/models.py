@@ -1,0 +1,177 @@
+"""The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style).
+
+Every conv and dense layer is a :mod:`lowrank_jax.layers` layer, so a params
+tree rewritten by any transform runs through the same model object. All
+models take NHWC float inputs of 28x28x1 (MNIST-like) or 32x32x3 (CIFAR-like)
+and are applied as ``model.apply(variables, x, train=False)``; with
+``train=True`` BatchNorm uses batch statistics and needs
+``mutable=['batch_stats']``.
+
+Layer paths (used by selection rules) are readable: ``conv1``,
+``stage2_block0/conv1``, ``stage2_block0/shortcut``, ``features/conv3_2``,
+``classifier/fc1``, ``head``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lowrank_jax.layers import Conv, Dense
+
+ModuleDef = Any
+
+
+class FC2(nn.Module):
+  """Two-layer perceptron (ADTN paper's FC-2): 784 -> hidden -> classes."""
+  num_classes: int = 10
+  hidden: int = 256
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(Dense(self.hidden, dtype=self.dtype, name='fc1')(x))
+    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+
+
+class LeNet5(nn.Module):
+  """LeNet-5: conv5x5(6) pool conv5x5(16) pool fc120 fc84 fc.
+
+  28x28 inputs are padded to 32x32 by the first conv's padding (2), as in the
+  original; 32x32 inputs run it with padding 2 too (then 8x8x16 before fc).
+  """
+  num_classes: int = 10
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = nn.relu(Conv(6, (5, 5), padding=((2, 2), (2, 2)), dtype=self.dtype,
+                     name='conv1')(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(Conv(16, (5, 5), padding='VALID', dtype=self.dtype,
+                     name='conv2')(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(Dense(120, dtype=self.dtype, name='fc1')(x))
+    x = nn.relu(Dense(84, dtype=self.dtype, name='fc2')(x))
+    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block: 3x3 conv-bn-relu, 3x3 conv-bn, shortcut, relu."""
+  features: int
+  strides: int = 1
+  norm: ModuleDef = nn.BatchNorm
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
+    y = conv(self.features, (3, 3), (self.strides, self.strides),
+             name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = conv(self.features, (3, 3), name='conv2')(y)
+    y = self.norm(name='bn2', scale_init=nn.initializers.zeros_init())(y)
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = conv(self.features, (1, 1), (self.strides, self.strides),
+               name='shortcut')(x)
+      x = self.norm(name='shortcut_bn')(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """CIFAR-style ResNet: 3x3 stem (no max-pool), stages of basic blocks."""
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+  num_classes: int = 10
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    x = Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype,
+             name='conv1')(x)
+    x = nn.relu(norm(name='bn1')(x))
+    for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for j in range(blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = BasicBlock(width, strides, norm=norm, dtype=self.dtype,
+                       name=f'stage{i + 1}_block{j}')(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+
+
+_VGG16 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M',
+          512, 512, 512, 'M')
+
+
+class VGG16(nn.Module):
+  """CIFAR-style VGG-16 with BatchNorm and a 512-512-classes classifier.
+
+  Pooling uses SAME padding so 28x28 inputs reach 1x1 after five pools
+  (28-14-7-4-2-1) just as 32x32 inputs do. The classifier is two 512-wide
+  dense layers with dropout (the common CIFAR VGG variant), then the head.
+  """
+  num_classes: int = 10
+  dropout: float = 0.5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    block, index = 1, 1
+    for v in _VGG16:
+      if v == 'M':
+        x = nn.max_pool(x, (2, 2), (2, 2), padding='SAME')
+        block, index = block + 1, 1
+        continue
+      x = Conv(v, (3, 3), use_bias=False, dtype=self.dtype,
+               name=f'conv{block}_{index}')(x)
+      x = nn.relu(norm(name=f'bn{block}_{index}')(x))
+      index += 1
+    x = x.reshape(x.shape[0], -1)
+    for k in (1, 2):
+      x = nn.relu(Dense(512, dtype=self.dtype, name=f'fc{k}')(x))
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    'fc2': FC2,
+    'lenet5': LeNet5,
+    'resnet20': functools.partial(ResNet, stage_sizes=(3, 3, 3),
+                                  widths=(16, 32, 64)),
+    'resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
+                                  widths=(64, 128, 256, 512)),
+    'vgg16': VGG16,
+}
+
+
+def get_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
+  """Creates a model by name.
+
+  Args:
+    name: one of ``MODELS`` (fc2, lenet5, resnet20, resnet18, vgg16).
+    num_classes: size of the output layer.
+    **kwargs: further model attributes (e.g. ``dtype=jnp.bfloat16``).
+
+  Returns:
+    An unbound Flax module; ``model.init(key, x, train=False)`` makes its
+    variables.
+  """
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; known: {sorted(MODELS)}')
+  return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def uses_dropout(model: nn.Module) -> bool:
+  """Whether the model needs a 'dropout' PRNG when applied with train=True."""
+  return isinstance(model, VGG16) and model.dropout > 0

@@ -1,0 +1,177 @@
+"""Reports of pipeline runs: report.json, report.md and PNG plots.
+
+``report`` is the dict a pipeline builds as it goes:
+``{'pipeline', 'model', 'dataset', 'config', 'stages': [...], 'layers':
+{path: {stage name: details}}}``, where each stage has its name, wall time,
+params, FLOPs (multiply-adds) and validation/test accuracy, and each layer's
+details hold its shape, VBMF / weakened / chosen ranks, singular values and
+EVBMF thresholds, params and FLOPs before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+
+
+def write_report(workdir: str, report: Mapping) -> None:
+  """Writes report.json, report.md and the plots into ``workdir``."""
+  os.makedirs(workdir, exist_ok=True)
+  _atomic_write(os.path.join(workdir, 'report.json'),
+                json.dumps(report, indent=1, default=_plain))
+  plots = write_plots(workdir, report)
+  _atomic_write(os.path.join(workdir, 'report.md'), to_markdown(report,
+                                                                plots))
+
+
+def _atomic_write(path, text):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _plain(x):
+  if hasattr(x, 'tolist'):
+    return np.asarray(x).tolist()
+  raise TypeError(f'not JSON serializable: {type(x).__name__}')
+
+
+def _fmt_ranks(r):
+  return '–' if r is None or len(r) == 0 else '×'.join(str(int(x)) for x in r)
+
+
+def _acc(stage, split='test'):
+  value = stage.get(split, {}).get('accuracy')
+  return '–' if value is None or value != value else f'{100 * value:.2f}%'
+
+
+def to_markdown(report: Mapping, plots: Mapping[str, str] = ()) -> str:
+  """The report as Markdown: stages, per-layer table, totals, plots."""
+  lines = [f"# {report.get('pipeline')} on {report.get('model')} / "
+           f"{report.get('dataset')}", '']
+  stages = report.get('stages', [])
+  if stages:
+    base = stages[0]
+    lines += ['## Stages', '',
+              '| stage | params | FLOPs (MACs) | params ratio | FLOPs ratio |'
+              ' val acc | test acc | wall time |',
+              '|---|---:|---:|---:|---:|---:|---:|---:|']
+    for s in stages:
+      lines.append(
+          f"| {s['name']} | {s['params']:,} | {s['flops']:,} | "
+          f"{base['params'] / s['params']:.2f}× | "
+          f"{base['flops'] / s['flops']:.2f}× | {_acc(s, 'validation')} | "
+          f"{_acc(s)} | {s.get('wall_s', 0):.1f} s |")
+    lines.append('')
+    if report.get('stopped'):
+      lines += [f"Stopped {report['stopped']}.", '']
+  layers = report.get('layers', {})
+  if layers:
+    lines += ['## Layers', '',
+              '| stage | layer | kernel | VBMF ranks | weakened | chosen | '
+              'params before → after | FLOPs before → after | note |',
+              '|---|---|---|---|---|---|---|---|---|']
+    for path, per_stage in layers.items():
+      for stage, d in per_stage.items():
+        lines.append(
+            f"| {stage} | `{path}` | {_fmt_ranks(d.get('kernel_shape'))} | "
+            f"{_fmt_ranks(d.get('vbmf'))} | {_fmt_ranks(d.get('weakened'))} |"
+            f" {_fmt_ranks(d.get('chosen'))} | {d.get('params_before', 0):,}"
+            f" → {d.get('params_after', d.get('params_before', 0)):,} | "
+            f"{d.get('flops_before', 0):,} → "
+            f"{d.get('flops_after', d.get('flops_before', 0)):,} | "
+            f"{d.get('kept', '')} |")
+    lines.append('')
+  for title, name in dict(plots).items():
+    lines += [f'## {title}', '', f'![{title}]({name})', '']
+  return '\n'.join(lines)
+
+
+def write_plots(workdir: str, report: Mapping) -> dict[str, str]:
+  """Spectra with EVBMF thresholds, ranks per layer, accuracy vs FLOPs.
+
+  Returns:
+    ``{title: file name}`` of the PNGs written.
+  """
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  written = {}
+  layers = report.get('layers', {})
+  last = {}
+  for path, per_stage in layers.items():
+    if per_stage:
+      last[path] = per_stage[list(per_stage)[0]]  # First compression.
+  spectra = {p: d for p, d in last.items() if d.get('singular_values')}
+  if spectra:
+    n = len(spectra)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows),
+                             squeeze=False)
+    for ax, (path, d) in zip(axes.flat, spectra.items()):
+      svs = d['singular_values']
+      thresholds = d.get('threshold') or []
+      labels = ('in', 'out') if len(svs) == 2 else ('',)
+      for i, (s, label) in enumerate(zip(svs, labels)):
+        s = np.asarray(s, float)
+        ax.semilogy(np.arange(1, len(s) + 1), np.maximum(s, 1e-12),
+                    f'C{i}.-', ms=2, lw=0.8, label=f'σ {label}'.strip())
+        if i < len(thresholds):
+          ax.axhline(float(thresholds[i]), color=f'C{i}', ls='--', lw=0.8)
+      for r in d.get('chosen') or []:
+        ax.axvline(int(r), color='k', ls=':', lw=0.8)
+      ax.set_title(path, fontsize=8)
+      ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+      ax.axis('off')
+    fig.suptitle('Singular values (dots), EVBMF thresholds (dashed), chosen '
+                 'ranks (dotted)', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, 'spectra.png'), dpi=110)
+    plt.close(fig)
+    written['Spectra and EVBMF thresholds'] = 'spectra.png'
+  if last:
+    paths = list(last)
+    full = [max(d.get('kernel_shape', [0])[-1:] or [0]) for d in last.values()]
+    chosen = [max(d.get('chosen') or [0]) for d in last.values()]
+    vb = [max(d.get('vbmf') or [0]) for d in last.values()]
+    x = np.arange(len(paths))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(paths)), 3.2))
+    ax.bar(x - 0.27, full, 0.27, label='C_out (full)')
+    ax.bar(x, vb, 0.27, label='VBMF rank (max mode)')
+    ax.bar(x + 0.27, chosen, 0.27, label='chosen (max mode)')
+    ax.set_xticks(x, paths, rotation=75, fontsize=6)
+    ax.set_yscale('log')
+    ax.legend(fontsize=7)
+    ax.set_title('Ranks per layer', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, 'ranks.png'), dpi=110)
+    plt.close(fig)
+    written['Ranks per layer'] = 'ranks.png'
+  stages = report.get('stages', [])
+  if len(stages) > 1:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    flops = [s['flops'] for s in stages]
+    acc = [100 * s.get('test', {}).get('accuracy', float('nan'))
+           for s in stages]
+    ax.plot(flops, acc, 'o-')
+    for f, a, s in zip(flops, acc, stages):
+      ax.annotate(s['name'], (f, a), fontsize=6, xytext=(3, 3),
+                  textcoords='offset points')
+    ax.set_xscale('log')
+    ax.set_xlabel('multiply-adds per image')
+    ax.set_ylabel('test accuracy (%)')
+    ax.set_title(f"{report.get('pipeline')}: accuracy against FLOPs",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, 'accuracy_flops.png'), dpi=110)
+    plt.close(fig)
+    written['Accuracy against FLOPs'] = 'accuracy_flops.png'
+  return written

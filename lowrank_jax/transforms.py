@@ -1,0 +1,287 @@
+"""The public pure transforms of parameter trees.
+
+Each transform selects layers by '/'-joined path rules (first match wins; see
+:func:`lowrank_jax.tree.select_paths`), calls the target form's builder per
+layer and returns a new tree; the input is never modified. The same model
+object runs the result with ``model.apply``.
+
+Behaviour on mixed trees (documented, tested):
+
+* ``tucker2_split`` of a Tucker-2 layer re-compresses its core and composes
+  the outer factors (MUSCO); of any other form it first merges to the dense
+  kernel.
+* ``svd_split`` / ``cp_split`` of a non-dense layer merge it first.
+* Layers a transform cannot take (a 1x1 conv for Tucker-2, a dense layer for
+  CP, a k x k conv for SVD unless asked) are skipped with a reason in the
+  report when matched by the selection.
+* Ranks are validated per layer: errors name the layer, the mode and the
+  bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Union
+
+import jax
+
+from lowrank_jax import forms
+from lowrank_jax import tree
+
+Ranks = Union[int, tuple[int, ...], Mapping[str, Any],
+              Callable[[str, dict], Any]]
+
+
+class LayerAction(NamedTuple):
+  """What a transform did to one selected layer."""
+  path: str
+  action: str              # 'split', 'merged', 'skipped'
+  form_before: str
+  form_after: str
+  ranks: tuple[int, ...]   # ranks after (empty for dense)
+  reason: str = ''
+
+
+def _kind(variables) -> str:
+  """'kxk' for a k x k conv, '1x1' for a 1x1 conv, 'dense' for a matrix."""
+  kernel_shape = _kernel_shape(variables)
+  if len(kernel_shape) == 2:
+    return 'dense'
+  return '1x1' if kernel_shape[0] * kernel_shape[1] == 1 else 'kxk'
+
+
+def _kernel_shape(variables) -> tuple[int, ...]:
+  form = forms.of(variables)
+  kernel = jax.eval_shape(form.to_kernel, variables)
+  return tuple(kernel.shape)
+
+
+def _ranks_for(ranks: Ranks, path: str, variables) -> tuple[int, ...]:
+  if callable(ranks) and not isinstance(ranks, Mapping):
+    ranks = ranks(path, variables)
+  elif isinstance(ranks, Mapping):
+    ranks = ranks[path]
+  if isinstance(ranks, (int,)) or hasattr(ranks, '__index__'):
+    ranks = (int(ranks),)
+  return tuple(int(r) for r in ranks)
+
+
+def _check_ranks(path, ranks, bounds, names):
+  if len(ranks) == 1 and len(bounds) > 1:
+    ranks = ranks * len(bounds)
+  if len(ranks) != len(bounds):
+    raise ValueError(f'layer {path!r}: expected {len(bounds)} ranks '
+                     f'({", ".join(names)}), got {ranks}')
+  for r, bound, name in zip(ranks, bounds, names):
+    if r < 1:
+      raise ValueError(f'layer {path!r}: rank {name}={r} must be >= 1')
+    if bound is not None and r > bound:
+      raise ValueError(f'layer {path!r}: rank {name}={r} exceeds its '
+                       f'dimension {bound}')
+  return ranks
+
+
+def _apply(params, ranks, *, select, eligible, build, report):
+  params, rebuild = tree.split_variables(params)
+  all_layers = tree.layers(params)
+  if isinstance(ranks, Mapping):
+    missing = [p for p in ranks if p not in all_layers]
+    if missing:
+      raise KeyError(f'ranks name no layer at {missing}; close paths: '
+                     f'{tree._close(missing[0], all_layers)}')
+    if select is None:
+      select = [_escape(p) for p in ranks]
+  chosen = tree.select_paths(all_layers, select)
+  new, actions = {}, []
+  for path in chosen:
+    variables = all_layers[path]
+    before = forms.identify(variables)
+    reason = eligible(path, variables)
+    if reason:
+      actions.append(LayerAction(path, 'skipped', before, before,
+                                 forms.get(before).ranks(variables), reason))
+      continue
+    if isinstance(ranks, Mapping) and path not in ranks:
+      actions.append(LayerAction(path, 'skipped', before, before,
+                                 forms.get(before).ranks(variables),
+                                 'no ranks given for this layer'))
+      continue
+    tree.check_finite(path, variables)
+    out = build(path, variables)
+    if 'bias' in variables:
+      out['bias'] = variables['bias']
+    after = forms.identify(out)
+    new[path] = out
+    actions.append(LayerAction(path, 'split' if after != 'dense' else 'merged',
+                               before, after, forms.get(after).ranks(out)))
+  result = rebuild(tree.replace_layers(params, new))
+  return (result, actions) if report else result
+
+
+def _escape(path: str) -> str:
+  import re
+  return re.escape(path)
+
+
+def _factorize(form_name: str, kinds: tuple[str, ...], mode_names, bounds_of,
+               options: Mapping[str, Any]):
+  """Shared builder of split transforms: merge or refine, then decompose."""
+  target = forms.get(form_name)
+
+  def eligible(path, variables):
+    kind = _kind(variables)
+    if kind not in kinds:
+      return (f'{form_name} takes {" or ".join(kinds)} layers; this is a '
+              f'{kind} layer')
+    return ''
+
+  def build(path, variables, ranks):
+    current = forms.identify(variables)
+    if current == form_name and hasattr(target, 'refine'):
+      bounds = target.ranks(variables)
+      ranks = _check_ranks(path, ranks, bounds, mode_names)
+      return target.refine(variables, ranks, **options)
+    kernel = forms.to_kernel(variables)
+    ranks = _check_ranks(path, ranks, bounds_of(kernel.shape), mode_names)
+    return target.from_kernel(kernel, ranks, **options)
+
+  return eligible, build
+
+
+def tucker2_split(params, ranks: Ranks, *, select=None, hooi_iters: int = 0,
+                  report: bool = False):
+  """Splits k x k convs into 1x1 -> k x k -> 1x1 (Tucker-2).
+
+  Args:
+    params: variables dict or bare params tree (not modified).
+    ranks: ``(R_in, R_out)`` for all, an int for both, ``{path: ranks}``
+      (e.g. from :func:`lowrank_jax.vbmf_ranks`) or ``f(path, variables)``.
+    select: layer selection rules (default: all k x k convs, or the paths of
+      a ranks dict).
+    hooi_iters: HOOI sweeps after the HOSVD initialisation.
+    report: also return a list of :class:`LayerAction`.
+
+  Returns:
+    The new tree (and the report). Split convs hold ``u_in`` (C_in, R_in),
+    ``core`` (kh, kw, R_in, R_out), ``u_out`` (R_out, C_out).
+  """
+  eligible, build = _factorize(
+      'tucker2', ('kxk',), ('R_in', 'R_out'), lambda s: (s[2], s[3]),
+      {'hooi_iters': hooi_iters})
+  return _apply(params, ranks, select=select, eligible=eligible,
+                build=lambda p, v: build(p, v, _ranks_for(ranks, p, v)),
+                report=report)
+
+
+def svd_split(params, ranks: Ranks, *, select=None, allow_kxk: bool = False,
+              report: bool = False):
+  """Splits dense layers and 1x1 convs into two factors (sqrt(S) each side).
+
+  Args:
+    params: variables dict or bare params tree (not modified).
+    ranks: ``R`` for all, ``{path: R or (R,)}`` or ``f(path, variables)``.
+    select: layer selection rules (default: all dense layers and 1x1 convs).
+    allow_kxk: also split k x k convs through their C_out unfolding.
+    report: also return a list of :class:`LayerAction`.
+
+  Returns:
+    The new tree (and the report): ``u`` (C_in, R) or (kh, kw, C_in, R),
+    ``v`` (R, C_out).
+  """
+  kinds = ('dense', '1x1', 'kxk') if allow_kxk else ('dense', '1x1')
+  eligible, build = _factorize(
+      'svd', kinds, ('R',), lambda s: (min(math.prod(s[:-1]), s[-1]),), {})
+  return _apply(params, ranks, select=select, eligible=eligible,
+                build=lambda p, v: build(p, v, _ranks_for(ranks, p, v)),
+                report=report)
+
+
+def cp_split(params, ranks: Ranks, *, select=None, als_iters: int = 50,
+             report: bool = False):
+  """Splits k x k convs into CP form (1x1, depthwise kh x 1, 1 x kw, 1x1).
+
+  Args:
+    params: variables dict or bare params tree (not modified).
+    ranks: ``R`` for all, ``{path: R}`` or ``f(path, variables)``.
+    select: layer selection rules (default: all k x k convs).
+    als_iters: ALS sweeps.
+    report: also return a list of :class:`LayerAction`.
+
+  Returns:
+    The new tree (and the report).
+  """
+  eligible, build = _factorize('cp', ('kxk',), ('R',), lambda s: (None,),
+                               {'als_iters': als_iters})
+  return _apply(params, ranks, select=select, eligible=eligible,
+                build=lambda p, v: build(p, v, _ranks_for(ranks, p, v)),
+                report=report)
+
+
+def overparameterize(params, *, select=None, expansion: float = 1.0,
+                     key: jax.Array | None = None, report: bool = False):
+  """Expresses convs as exact products of wider factors (He et al. 2024).
+
+  Each selected dense-form layer with kernel W becomes ``op_in`` (C_in, R_in),
+  ``op_core`` (kh, kw, R_in, R_out), ``op_out`` (R_out, C_out) with
+  ``R = ceil(C * expansion)`` and product exactly W, so the network computes
+  the same function at the moment of the transform.
+
+  Args:
+    params: variables dict or bare params tree (not modified).
+    select: layer rules (default: every conv; dense layers when selected).
+    expansion: inner width factor, >= 1.
+    key: PRNG key for the random orthonormal factors.
+    report: also return a list of :class:`LayerAction`.
+
+  Returns:
+    The new tree (and the report).
+  """
+  if not expansion >= 1.0:
+    raise ValueError(f'expansion must be >= 1, got {expansion}')
+  key = jax.random.PRNGKey(0) if key is None else key
+  target = forms.get('overparam')
+  index = {}
+
+  def eligible(path, variables):
+    if forms.identify(variables) != 'dense':
+      return f'already in form {forms.identify(variables)!r}'
+    if select is None and _kind(variables) == 'dense':
+      return 'dense layers are over-parameterized only when selected'
+    return ''
+
+  def build(path, variables):
+    kernel = variables['kernel']
+    ranks = tuple(math.ceil(c * expansion) for c in kernel.shape[-2:])
+    index[path] = len(index)
+    return target.from_kernel(kernel, ranks,
+                              key=jax.random.fold_in(key, index[path]))
+
+  return _apply(params, None, select=select, eligible=eligible, build=build,
+                report=report)
+
+
+def collapse(params, *, select=None, report: bool = False):
+  """Merges factored layers back into dense kernels (exactly).
+
+  Args:
+    params: variables dict or bare params tree (not modified).
+    select: layer rules (default: every layer not in dense form).
+    report: also return a list of :class:`LayerAction`.
+
+  Returns:
+    The new tree (and the report).
+  """
+  def eligible(path, variables):
+    return 'already dense' if forms.identify(variables) == 'dense' else ''
+
+  def build(path, variables):
+    return {'kernel': forms.to_kernel(variables)}
+
+  return _apply(params, None, select=select, eligible=eligible, build=build,
+                report=report)
+
+
+def layer_forms(params) -> dict[str, str]:
+  """``{path: form name}`` for every layer of a tree."""
+  params, _ = tree.split_variables(params)
+  return {p: forms.identify(v) for p, v in tree.layers(params).items()}

@@ -1,0 +1,46 @@
+"""Model shapes and exact parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lowrank_jax import count_params, get_model, layers
+
+# Exact counts; resnet20 / resnet18 on 32x32x3 match the published CIFAR
+# figures (0.27M, 11.17M), LeNet-5 on 28x28x1 the classic 61,706.
+COUNTS = {
+    ('fc2', 1): 203_530, ('fc2', 3): 789_258,
+    ('lenet5', 1): 61_706, ('lenet5', 3): 83_126,
+    ('resnet20', 1): 272_186, ('resnet20', 3): 272_474,
+    ('resnet18', 1): 11_172_810, ('resnet18', 3): 11_173_962,
+    ('vgg16', 1): 15_248_202, ('vgg16', 3): 15_249_354,
+}
+
+
+@pytest.mark.parametrize('name,channels', sorted(COUNTS))
+def test_shapes_and_param_counts(name, channels):
+  size = 28 if channels == 1 else 32
+  model = get_model(name, num_classes=10)
+  x = jnp.zeros((2, size, size, channels))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  assert count_params(variables) == COUNTS[(name, channels)]
+  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  assert out.shape == (2, 10)
+
+
+def test_layer_paths_are_readable():
+  model = get_model('resnet20')
+  v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                        jnp.zeros((1, 32, 32, 3))))
+  paths = list(layers(v['params']))
+  assert {'conv1', 'head', 'stage1_block0/conv1'} <= set(paths)
+  assert 'stage2_block0/shortcut' in paths
+  assert len(paths) == 22  # 19 3x3 convs, 2 shortcuts, head
+
+
+def test_num_classes_and_unknown_name():
+  model = get_model('lenet5', num_classes=100)
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  assert model.apply(v, jnp.zeros((3, 28, 28, 1))).shape == (3, 100)
+  with pytest.raises(ValueError, match='known: .*resnet20'):
+    get_model('resnet21')

@@ -1,0 +1,183 @@
+"""The compression jobs end to end on real Fashion-MNIST (smoke settings)."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from configs import smoke  # pylint: disable=g-import-not-at-top
+
+import lowrank_jax as lj
+from lowrank_jax import pipelines
+from lowrank_jax import training
+
+
+def _config(pipeline, **compress):
+  config = smoke.get_config()
+  config.pipeline = pipeline
+  config.num_epochs = 1
+  config.train_subset = 2048
+  config.progress = False
+  config.checkpoint_every_steps = 8
+  config.finetune.num_epochs = 1
+  config.finetune.learning_rate = 3e-4
+  config.compress.rank_rule = 'flops_ratio'
+  config.compress.target_ratio = 1.3
+  config.musco.n_stages = 2
+  config.musco.finetune_epochs = 1
+  for key, value in compress.items():
+    config.compress[key] = value
+  return config
+
+
+@pytest.fixture(autouse=True)
+def _needs_data(fmnist):
+  del fmnist
+
+
+def _stages(summary):
+  return [s['name'] for s in summary['stages']]
+
+
+def test_direct_compresses_and_writes_the_report(tmp_path):
+  summary = pipelines.run_direct(_config('direct'), str(tmp_path))
+  assert _stages(summary) == ['baseline', 'compress', 'finetune']
+  assert 1.3 <= summary['flops_ratio'] < 1.4
+  report = json.loads((tmp_path / 'report.json').read_text())
+  conv2 = report['layers']['conv2']['compress']
+  assert conv2['form_after'] == 'tucker2' and len(conv2['chosen']) == 2
+  assert conv2['flops_after'] < conv2['flops_before']
+  for name in ('report.md', 'spectra.png', 'ranks.png', 'accuracy_flops.png',
+               'metrics.jsonl'):
+    assert (tmp_path / name).stat().st_size > 0
+  md = (tmp_path / 'report.md').read_text()
+  assert '| finetune |' in md and '`conv2`' in md
+  # The compressed model restores into model.apply with no extra code.
+  variables = training.load_variables(str(tmp_path / 'stages' / 'finetune'))
+  model = lj.get_model('lenet5')
+  assert lj.layer_forms(variables)['conv2'] == 'tucker2'
+  assert model.apply(variables, np.zeros((2, 28, 28, 1))).shape == (2, 10)
+
+
+def test_he2024_trains_factors_with_the_penalty(tmp_path):
+  config = _config('he2024')
+  summary = pipelines.run_he2024(config, str(tmp_path))
+  assert _stages(summary) == ['overparameterize', 'orthogonal_train',
+                              'collapse', 'compress', 'finetune']
+  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  ortho = [r for r in rows if r.get('stage') == 'orthogonal_train'
+           and r.get('split') == 'train']
+  assert ortho and all('penalty' in r for r in ortho)
+  over = training.load_variables(str(tmp_path / 'stages' /
+                                     'orthogonal_train'))
+  assert lj.layer_forms(over)['conv2'] == 'overparam'
+  stages = {s['name']: s for s in json.loads(
+      (tmp_path / 'report.json').read_text())['stages']}
+  # Collapsing is exact: same accuracy before and after.
+  assert stages['collapse']['test']['accuracy'] == pytest.approx(
+      stages['orthogonal_train']['test']['accuracy'], abs=1e-3)
+
+
+def _planted_lenet(path):
+  """LeNet-5 whose conv2 (ranks 3 x 4) and fc1 (rank 10) are low-rank plus
+  small noise, saved as a pretrained checkpoint."""
+  model = lj.get_model('lenet5')
+  v = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1)))
+  rng = np.random.default_rng(0)
+  u_in, _ = np.linalg.qr(rng.normal(size=(6, 3)))
+  u_out, _ = np.linalg.qr(rng.normal(size=(16, 4)))
+  core = rng.normal(size=(5, 5, 3, 4))
+  conv2 = np.einsum('ir,hwrs,os->hwio', u_in, core, u_out) * 0.1
+  fc1 = rng.normal(size=(400, 10)) @ rng.normal(size=(10, 120)) * 0.02
+  v['params']['conv2']['kernel'] = np.float32(
+      conv2 + 1e-3 * rng.normal(size=conv2.shape))
+  v['params']['fc1']['kernel'] = np.float32(
+      fc1 + 1e-3 * rng.normal(size=fc1.shape))
+  training.save_variables(str(path), v)
+
+
+def test_musco_recompresses_split_layers_by_their_cores(tmp_path):
+  config = _config('musco')
+  config.compress.select = 'conv2|fc1'
+  config.compress.rank_rule = 'weakened_vbmf'
+  config.compress.min_rank_kxk = 2
+  config.compress.min_rank_dense = 2
+  config.musco.weaken = 0.5
+  config.finetune.learning_rate = 1e-5
+  _planted_lenet(tmp_path / 'pretrained')
+  config.compress.pretrained = str(tmp_path / 'pretrained')
+  summary = pipelines.run_musco(config, str(tmp_path / 'musco'))
+  assert _stages(summary) == ['baseline', 'stage1_compress',
+                              'stage1_finetune', 'stage2_compress',
+                              'stage2_finetune']
+  layers = json.loads(
+      (tmp_path / 'musco' / 'report.json').read_text())['layers']
+  # Stage 1 weakens from the full sizes: floor(R - w (R - R_vbmf)).
+  assert layers['conv2']['stage1_compress']['vbmf'] == [3, 4]
+  assert layers['conv2']['stage1_compress']['chosen'] == [4, 10]
+  assert layers['fc1']['stage1_compress']['chosen'] == [65]
+  # Stage 2 decomposes the Tucker-2 core and the SVD product further.
+  assert layers['conv2']['stage2_compress']['chosen'] == [3, 7]
+  assert layers['fc1']['stage2_compress']['chosen'] == [37]
+  final = training.load_variables(str(tmp_path / 'musco' / 'stages' /
+                                      'stage2_finetune'))
+  conv2 = final['params']['conv2']
+  assert lj.layer_forms(final)['conv2'] == 'tucker2'
+  assert conv2['u_in'].shape == (6, 3) and conv2['u_out'].shape == (7, 16)
+
+
+def test_a_killed_job_resumes_at_its_stage_and_step(tmp_path, monkeypatch):
+  config = _config('direct')
+  reference = pipelines.run_direct(config, str(tmp_path / 'ref'))
+  real_train = training.train
+  calls = []
+
+  def killed_train(*args, **kwargs):
+    calls.append(kwargs.get('stage_name'))
+    if kwargs.get('stage_name') == 'finetune':
+      real_train(*args, stop_after_steps=5, **kwargs)
+      raise KeyboardInterrupt('killed')
+    return real_train(*args, **kwargs)
+
+  monkeypatch.setattr(training, 'train', killed_train)
+  with pytest.raises(KeyboardInterrupt):
+    pipelines.run_direct(config, str(tmp_path / 'run'))
+  monkeypatch.setattr(training, 'train', real_train)
+  rows_before = sum(1 for _ in open(tmp_path / 'run' / 'metrics.jsonl'))
+  resumed = pipelines.run_direct(config, str(tmp_path / 'run'))
+  rows = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+  # The baseline was not trained again; fine-tuning continued after step 5.
+  assert not [r for r in rows[rows_before:] if r.get('stage') == 'baseline']
+  ft = [r for r in rows[rows_before:] if r.get('stage') == 'finetune'
+        and r.get('split') == 'train']
+  assert ft and min(r['step'] for r in ft) > 5
+  got = training.load_variables(str(tmp_path / 'run' / 'stages' / 'finetune'))
+  want = training.load_variables(str(tmp_path / 'ref' / 'stages' /
+                                     'finetune'))
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
+  assert resumed['stages'][-1]['test_accuracy'] == pytest.approx(
+      reference['stages'][-1]['test_accuracy'], abs=1e-3)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('musco.weaken', 0.0, 'musco.weaken=0.0 must be in'),
+    ('compress.target_ratio', 50.0, 'compress.target_ratio=50.0'),
+    ('compress.rank_rule', 'vbmff', "compress.rank_rule='vbmff'"),
+    ('compress.pretrained', '/nonexistent/ckpt',
+     "compress.pretrained='/nonexistent/ckpt': no saved variables"),
+])
+def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
+                                      monkeypatch):
+  config = _config('musco')
+  group, key = field.split('.')
+  config[group][key] = value
+  monkeypatch.setattr(training, 'train', lambda *a, **k: pytest.fail(
+      'training started'))
+  with pytest.raises(training.ConfigError, match=message.replace(
+      '(', r'\(').replace('.', r'\.')):
+    pipelines.run_musco(config, str(tmp_path))

@@ -1,0 +1,225 @@
+"""Pure transforms on whole models: function preservation, counts, errors."""
+
+import copy
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowrank_jax as lj
+from lowrank_jax import forms, tree
+
+
+def _perturbed_variables(name, x, seed=0):
+  """Init, then give BatchNorm non-trivial scales and statistics.
+
+  ResNet's zero-initialised last BN scale would otherwise hide every
+  residual-branch conv from an output comparison.
+  """
+  model = lj.get_model(name)
+  v = model.init(jax.random.PRNGKey(seed), x[:1], train=False)
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 10_000))
+
+  def perturb(path, leaf):
+    last = path[-1].key
+    if last in ('scale', 'var'):
+      return 0.5 + jax.random.uniform(next(keys), leaf.shape)
+    if last in ('bias', 'mean'):
+      return 0.1 * jax.random.normal(next(keys), leaf.shape)
+    return leaf
+  return model, jax.tree_util.tree_map_with_path(perturb, v)
+
+
+def _full_ranks(path, variables):
+  shape = variables['kernel'].shape
+  return (shape[-2], shape[-1])
+
+
+@pytest.mark.parametrize('name', ['resnet20', 'vgg16'])
+def test_full_rank_splits_preserve_outputs_on_real_images(name, real_images):
+  x = jnp.asarray(real_images[:4])
+  model, v = _perturbed_variables(name, x)
+  y = model.apply(v, x, train=False)
+  scale = float(jnp.max(jnp.abs(y)))
+  split = lj.tucker2_split(v, _full_ranks)
+  split = lj.svd_split(split, lambda p, l: min(l['kernel'].shape[-2:]))
+  assert set(lj.layer_forms(split).values()) == {'tucker2', 'svd'}
+  np.testing.assert_allclose(model.apply(split, x, train=False), y,
+                             atol=2e-4 * scale)
+  over = lj.overparameterize(v, expansion=1.25, key=jax.random.PRNGKey(2))
+  np.testing.assert_allclose(model.apply(over, x, train=False), y,
+                             atol=2e-4 * scale)
+  back = lj.collapse(over)
+  assert set(lj.layer_forms(back).values()) == {'dense'}
+  np.testing.assert_allclose(model.apply(back, x, train=False), y,
+                             atol=2e-4 * scale)
+
+
+def test_exact_param_counts_after_splits():
+  model = lj.get_model('resnet20')
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  before = lj.count_params(v)
+  per_layer = lj.count_params(v, per_layer=True)
+  ranks = {'stage2_block1/conv1': (5, 7), 'conv1': (2, 4)}
+  out = lj.tucker2_split(v, ranks)
+  expected = before
+  for path, (r_in, r_out) in ranks.items():
+    kh, kw, c_in, c_out = tree.get_layer(v['params'], path)['kernel'].shape
+    expected += c_in * r_in + kh * kw * r_in * r_out + r_out * c_out
+    expected -= per_layer[path]
+  assert lj.count_params(out) == expected
+  out = lj.svd_split(out, {'head': 3, 'stage3_block0/shortcut': 2})
+  expected += (64 * 3 + 3 * 10) - 64 * 10          # head keeps its bias
+  expected += (32 * 2 + 2 * 64) - 32 * 64
+  assert lj.count_params(out) == expected
+
+
+def test_recompressing_a_split_layer_decomposes_its_core():
+  model = lj.get_model('lenet5')
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  once = lj.tucker2_split(v, (6, 12), select='conv2')
+  twice, actions = lj.tucker2_split(once, (3, 5), select='conv2', report=True)
+  layer = tree.get_layer(twice['params'], 'conv2')
+  assert forms.identify(layer) == 'tucker2'
+  assert layer['u_in'].shape == (6, 3) and layer['u_out'].shape == (5, 16)
+  assert actions[0].form_before == 'tucker2' and actions[0].ranks == (3, 5)
+  inner = forms.tucker2.from_kernel(
+      tree.get_layer(once['params'], 'conv2')['core'], (3, 5))
+  old = tree.get_layer(once['params'], 'conv2')
+  composed = forms.tucker2.to_kernel(
+      {'u_in': old['u_in'] @ inner['u_in'], 'core': inner['core'],
+       'u_out': inner['u_out'] @ old['u_out']})
+  np.testing.assert_allclose(forms.tucker2.to_kernel(layer), composed,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="'conv2': rank R_in=5 exceeds"):
+    lj.tucker2_split(twice, (5, 5), select='conv2')
+
+
+def test_transforms_do_not_modify_input():
+  model = lj.get_model('lenet5')
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  frozen = copy.deepcopy(jax.tree_util.tree_map(np.asarray, v))
+  lj.tucker2_split(v, 2, select='conv2')
+  lj.svd_split(v, 2)
+  lj.overparameterize(v, select=['conv.*', 'fc1'])
+  lj.cp_split(v, 3)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, frozen,
+                         jax.tree_util.tree_map(np.asarray, v))
+  assert list(frozen['params']) == list(v['params'])
+
+
+def test_bad_input_errors_name_the_problem():
+  model = lj.get_model('lenet5')
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  with pytest.raises(ValueError, match="'conv1': rank R_in=2 exceeds its "
+                     'dimension 1'):
+    lj.tucker2_split(v, 2, select='conv1')
+  with pytest.raises(ValueError, match="'conv2': rank R_out=0 must be >= 1"):
+    lj.tucker2_split(v, (2, 0), select='conv2')
+  with pytest.raises(ValueError, match=r"rule 'conv3' matches no layer; close "
+                     r"paths: \['conv2', 'conv1'\]"):
+    lj.tucker2_split(v, 2, select='conv3')
+  with pytest.raises(KeyError, match="name no layer at \\['fc9'\\]"):
+    lj.svd_split(v, {'fc9': 2})
+  bad = jax.tree_util.tree_map(lambda a: a, v)
+  bad['params']['fc1']['kernel'] = bad['params']['fc1']['kernel'].at[0, 0].set(
+      jnp.nan)
+  with pytest.raises(ValueError, match="layer 'fc1': variable 'kernel' has 1 "
+                     'non-finite'):
+    lj.svd_split(bad, 4)
+  with pytest.raises(ValueError, match='expansion must be >= 1'):
+    lj.overparameterize(v, expansion=0.5)
+  # Ineligible layers matched by a rule are skipped with a reason.
+  _, actions = lj.tucker2_split(v, 4, select=['conv2', 'fc.*'], report=True)
+  reasons = {a.path: (a.action, a.reason) for a in actions}
+  assert reasons['conv2'][0] == 'split'
+  assert reasons['fc1'] == ('skipped',
+                            'tucker2 takes kxk layers; this is a dense layer')
+
+
+class _Grouped(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return lj.Conv(8, (3, 3), feature_group_count=2, name='grouped')(x)
+
+
+def test_grouped_conv_split_fails_at_apply_naming_the_layer():
+  model = _Grouped()
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)))
+  split = lj.tucker2_split(v, (2, 4))
+  with pytest.raises(ValueError, match="layer 'grouped' is a grouped conv"):
+    model.apply(split, jnp.zeros((1, 8, 8, 4)))
+
+
+def test_orthogonal_penalty_zero_positive_and_gradient():
+  model = lj.get_model('lenet5')
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  assert float(lj.orthogonal_penalty(v)) == 0.0  # dense only
+  over = lj.overparameterize(v, expansion=2.0)
+  assert float(lj.orthogonal_penalty(over)) < 1e-10
+  noisy = jax.tree_util.tree_map(
+      lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape),
+      over)
+  assert float(lj.orthogonal_penalty(noisy)) > 1e-3
+  assert float(lj.orthogonal_penalty(noisy, mask='conv1')) < float(
+      lj.orthogonal_penalty(noisy))
+  with jax.enable_x64(True):
+    p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
+                                 noisy['params'])
+    f = lambda p: lj.penalties.factor_orthogonality(
+        p['conv2']['op_in']).astype(jnp.float64)
+    g = jax.grad(lambda p: jnp.sum(_penalty64(p)))(p64)['conv2']['op_in']
+    direction = np.random.default_rng(0).normal(size=g.shape)
+    eps = 1e-6
+    plus = jax.tree_util.tree_map(lambda a: a, p64)
+    minus = jax.tree_util.tree_map(lambda a: a, p64)
+    plus['conv2'] = dict(plus['conv2'], op_in=p64['conv2']['op_in'] +
+                         eps * direction)
+    minus['conv2'] = dict(minus['conv2'], op_in=p64['conv2']['op_in'] -
+                          eps * direction)
+    fd = (_penalty64(plus) - _penalty64(minus)) / (2 * eps)
+    np.testing.assert_allclose(float(jnp.sum(g * direction)), float(fd),
+                               rtol=1e-6)
+    del f
+
+
+def _penalty64(p):
+  mat = p['conv2']['op_in']
+  gram = mat @ mat.T
+  ref = jnp.sum((gram - jnp.eye(mat.shape[0])) ** 2) / mat.shape[0]
+  ours = lj.penalties.factor_orthogonality(mat)
+  # factor_orthogonality works in float32; check it against the float64 form
+  # here and differentiate the float64 form of the same expression.
+  np.testing.assert_allclose(float(jax.lax.stop_gradient(ours)),
+                             float(jax.lax.stop_gradient(ref)), rtol=1e-4)
+  return ref
+
+
+def test_penalty_is_jittable_and_matches_eager():
+  model = lj.get_model('lenet5')
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  noisy = jax.tree_util.tree_map(lambda a: a * 1.1, lj.overparameterize(v))
+  np.testing.assert_allclose(jax.jit(lj.orthogonal_penalty)(noisy),
+                             lj.orthogonal_penalty(noisy), rtol=1e-6)
+
+
+def test_count_flops_matches_xla_cost_analysis():
+  model = lj.get_model('lenet5')
+  shape = (1, 28, 28, 1)
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros(shape))
+  for variables in (v, lj.tucker2_split(v, (1, 8), select='conv2'),
+                    lj.svd_split(v, 8)):
+    report = lj.count_flops(model, variables, shape)
+    cost = jax.jit(lambda x: model.apply(variables, x)).lower(
+        jnp.zeros(shape)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # XLA counts 2 flops per multiply-add plus the bias adds, relus and pools.
+    assert 0.97 < cost['flops'] / (2 * report.total) < 1.05
+  report = lj.count_flops(model, v, shape)
+  assert report.per_layer['conv2'].macs == 10 * 10 * 16 * 25 * 6
+  assert report.per_layer['conv2'].out_shape == (1, 10, 10, 16)
+  assert report.total == sum(r.macs for r in report.per_layer.values())

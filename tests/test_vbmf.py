@@ -1,0 +1,460 @@
+"""EVBMF against an independent NumPy/SciPy port of Nakajima's EVBMF.m.
+
+The reference below follows the MATLAB routine of the VBMF package: transpose
+tall inputs, full SVD, sigma^2 bounds, rescaling by 1 / sigma2_lb, and a
+bounded scalar search (``fminbnd`` there, SciPy's bounded Brent here, with
+fminbnd's default TolX = 1e-4) of the original free energy. It shares no code
+with :mod:`lowrank_jax.vbmf` (which works in log sigma^2, drops constants and
+searches globally).
+"""
+
+import copy
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+
+from lowrank_jax import tree
+from lowrank_jax import vbmf
+from lowrank_jax.forms import svd as svd_form
+from lowrank_jax.forms import tucker2
+from lowrank_jax.models import get_model
+
+
+# ---------------------------------------------------------------------------
+# The reference (EVBMF.m, Nakajima et al. JMLR 2013).
+
+
+def _tau(x, alpha):
+  return 0.5 * (x - (1 + alpha) + np.sqrt((x - (1 + alpha)) ** 2 - 4 * alpha))
+
+
+def _free_energy(sigma2, big_l, big_m, s, residual, xubar):
+  """EVBsigma2 of EVBMF.m: the free energy as a function of sigma^2."""
+  h = len(s)
+  alpha = big_l / big_m
+  x = s ** 2 / (big_m * sigma2)
+  z1 = x[x > xubar]
+  z2 = x[x <= xubar]
+  tau_z1 = _tau(z1, alpha)
+  return (np.sum(z2 - np.log(z2)) + np.sum(z1 - tau_z1)
+          + np.sum(np.log((tau_z1 + 1) / z1))
+          + alpha * np.sum(np.log(tau_z1 / alpha + 1))
+          + residual / (big_m * sigma2) + (big_l - h) * np.log(sigma2))
+
+
+def reference_evbmf(y, sigma2=None, xatol=1e-4):
+  """EVBMF of one matrix in float64 NumPy/SciPy.
+
+  Returns:
+    ``(rank, sigma2, threshold, shrunk (L,), singular values (L,))``.
+  """
+  y = np.asarray(y, np.float64)
+  if y.shape[0] > y.shape[1]:
+    y = y.T
+  big_l, big_m = y.shape
+  h = big_l
+  alpha = big_l / big_m
+  tauubar = 2.5129 * math.sqrt(alpha)
+  xubar = (1 + tauubar) * (1 + alpha / tauubar)
+  s = np.linalg.svd(y, compute_uv=False)
+  residual = 0.0  # H == L
+  if sigma2 is None:
+    e = int(min(math.ceil(big_l / (1 + alpha)) - 1, h))  # eH_ub, 1-based
+    upper = (np.sum(s ** 2) + residual) / (big_l * big_m)
+    lower = max(s[e] ** 2 / (big_m * xubar), np.mean(s[e:] ** 2) / big_m)
+    scale = 1.0 / lower
+    opt = minimize_scalar(
+        _free_energy, bounds=(lower * scale, upper * scale), method='bounded',
+        args=(big_l, big_m, s * math.sqrt(scale), residual * scale, xubar),
+        options={'xatol': xatol})
+    sigma2 = opt.x / scale
+  threshold = math.sqrt(big_m * sigma2 * xubar)
+  rank = int(np.sum(s > threshold))
+  shrunk = np.zeros(big_l)
+  sr = s[:rank]
+  q = 1 - (big_l + big_m) * sigma2 / sr ** 2
+  shrunk[:rank] = sr / 2 * (q + np.sqrt(
+      q ** 2 - 4 * big_l * big_m * sigma2 ** 2 / sr ** 4))
+  return rank, sigma2, threshold, shrunk, s
+
+
+# ---------------------------------------------------------------------------
+# Planted matrices.
+
+
+def planted(shape, rank, *, seed=0, noise=1.0, strength=(3.0, 8.0)):
+  """``U diag(s) V^T + noise`` with s evenly in ``strength`` x the noise edge.
+
+  The noise edge ``noise * (sqrt(L) + sqrt(M))`` is the largest singular
+  value of the noise alone, so a planted rank well below
+  ``L / (1 + L/M)`` is what EVBMF should find.
+  """
+  rng = np.random.default_rng(seed)
+  rows, cols = shape
+  edge = noise * (math.sqrt(rows) + math.sqrt(cols))
+  u, _ = np.linalg.qr(rng.standard_normal((rows, max(rank, 1))))
+  v, _ = np.linalg.qr(rng.standard_normal((cols, max(rank, 1))))
+  s = edge * np.linspace(strength[1], strength[0], max(rank, 1))
+  signal = (u[:, :rank] * s[:rank]) @ v[:, :rank].T
+  return signal + noise * rng.standard_normal(shape)
+
+
+_jit_evbmf = jax.jit(vbmf.evbmf, static_argnames='method')
+_jit_vmap_evbmf = jax.jit(jax.vmap(vbmf.evbmf))
+
+REF_CASES = [  # (shape, planted rank)
+    ((5, 7), 1), ((7, 5), 1), ((20, 20), 4), ((40, 100), 8), ((100, 40), 8),
+    ((64, 256), 10), ((150, 60), 12)]
+SCALES = (1e-4, 1.0, 1e3)
+
+
+@pytest.mark.parametrize('shape,rank', REF_CASES)
+def test_matches_reference(shape, rank):
+  y = planted(shape, rank, seed=sum(shape))
+  refs = [reference_evbmf(c * y) for c in SCALES]
+  assert all(r[0] == rank for r in refs)
+  with jax.enable_x64(True):
+    stack = jnp.asarray(np.stack([c * y for c in SCALES]), jnp.float64)
+    res64 = jax.device_get(_jit_vmap_evbmf(stack))
+  res32 = jax.device_get(
+      _jit_vmap_evbmf(jnp.asarray(np.stack([c * y for c in SCALES]),
+                                  jnp.float32)))
+  for i, (r_rank, r_sigma2, r_thr, r_shrunk, _) in enumerate(refs):
+    for res, tol in ((res64, 2e-4), (res32, 1e-3)):
+      assert int(res.rank[i]) == r_rank
+      np.testing.assert_allclose(res.sigma2[i], r_sigma2, rtol=1e-2)
+      np.testing.assert_allclose(res.sigma2[i], r_sigma2, rtol=tol)
+      np.testing.assert_allclose(res.threshold[i], r_thr, rtol=tol)
+      # Shrinkage amplifies the sigma^2 difference on tiny matrices.
+      np.testing.assert_allclose(res.shrunk[i], r_shrunk, rtol=1e-2,
+                                 atol=1e-2 * r_shrunk.max())
+
+
+@pytest.mark.parametrize('shape', [(30, 80), (80, 30)])
+def test_svd_method_matches_gram_and_reference(shape):
+  y = planted(shape, 6, seed=3)
+  r_rank, r_sigma2, _, _, r_s = reference_evbmf(y)
+  with jax.enable_x64(True):
+    for method in vbmf.METHODS:
+      res = _jit_evbmf(jnp.asarray(y), method=method)
+      assert int(res.rank) == r_rank == 6
+      np.testing.assert_allclose(res.sigma2, r_sigma2, rtol=2e-4)
+      _, gamma = vbmf._evbmf_matrix(jnp.asarray(y), None, method)
+      np.testing.assert_allclose(gamma, r_s, rtol=1e-6, atol=1e-9 * r_s[0])
+
+
+def test_given_sigma2_matches_reference():
+  y = planted((30, 50), 5, seed=4)
+  for sigma2 in (0.5, 1.0, 4.0):
+    r_rank, _, r_thr, r_shrunk, _ = reference_evbmf(y, sigma2=sigma2)
+    res = vbmf.evbmf(jnp.asarray(y, jnp.float32), sigma2=sigma2)
+    assert int(res.rank) == r_rank
+    np.testing.assert_allclose(res.sigma2, sigma2, rtol=1e-6)
+    np.testing.assert_allclose(res.threshold, r_thr, rtol=1e-5)
+    np.testing.assert_allclose(res.shrunk, r_shrunk, rtol=1e-3,
+                               atol=1e-3 * r_shrunk.max())
+
+
+@pytest.mark.parametrize('shape', [(64, 256), (256, 64)])
+def test_recovers_planted_rank(shape):
+  y = planted(shape, 10, seed=5, noise=0.01)
+  res = _jit_evbmf(jnp.asarray(y, jnp.float32))
+  assert int(res.rank) == 10
+  np.testing.assert_allclose(res.sigma2, 1e-4, rtol=0.1)  # noise variance
+  shrunk = np.asarray(res.shrunk)
+  assert shrunk.shape == (64,)
+  assert np.all(shrunk[:10] > 0) and np.all(shrunk[10:] == 0)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+def test_scale_invariance(dtype):
+  y = planted((48, 120), 7, seed=6)
+  scales = np.array([1e-6, 1e-3, 1.0, 1e3, 1e6])
+  with jax.enable_x64(dtype == 'float64'):
+    stack = jnp.asarray(scales[:, None, None] * y, dtype)
+    res = jax.device_get(_jit_vmap_evbmf(stack))
+  assert res.sigma2.dtype == np.dtype(dtype)
+  assert np.all(res.rank == 7)
+  tol = 1e-4 if dtype == 'float32' else 1e-9
+  np.testing.assert_allclose(res.sigma2 / scales ** 2, res.sigma2[2],
+                             rtol=tol)
+  np.testing.assert_allclose(res.threshold / scales, res.threshold[2],
+                             rtol=tol)
+  assert np.all(np.isfinite(res.shrunk))
+
+
+def test_transpose_jit_vmap_and_eager_agree():
+  y = jnp.asarray(planted((24, 60), 4, seed=7), jnp.float32)
+  eager = vbmf.evbmf(y)
+  jitted = _jit_evbmf(y)
+  transposed = _jit_evbmf(y.T)
+  batched = _jit_vmap_evbmf(jnp.stack([y, y]))
+  assert int(eager.rank) == 4
+  for res in (jitted, transposed):
+    assert int(res.rank) == int(eager.rank)
+    for a, b in zip(res[1:], eager[1:]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for i in range(2):
+    assert int(batched.rank[i]) == int(eager.rank)
+    for a, b in zip(batched[1:], eager[1:]):
+      np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('name,y,rank', [
+    ('zero', np.zeros((5, 7)), 0),
+    ('constant', np.full((5, 7), 3.0), 1),
+    ('rank1', np.outer(np.arange(1.0, 9.0), np.arange(1.0, 21.0)), 1),
+    ('row', np.arange(1.0, 8.0)[None], 0),
+    ('column', np.arange(1.0, 8.0)[:, None], 0),
+    ('two_by_two', np.array([[1.0, 2.0], [3.0, 5.0]]), 0),
+])
+def test_degenerate_inputs_have_no_nan(name, y, rank):
+  res = vbmf.evbmf(jnp.asarray(y, jnp.float32))
+  for field in res:
+    assert np.all(np.isfinite(np.asarray(field))), (name, res)
+  assert int(res.rank) == rank, name
+  assert res.shrunk.shape == (min(y.shape),)
+  if name == 'zero':
+    assert float(res.sigma2) == 0.0 and float(res.threshold) == 0.0
+  if rank:
+    np.testing.assert_allclose(res.shrunk[0], np.linalg.norm(y), rtol=1e-3)
+  given = vbmf.evbmf(jnp.asarray(y, jnp.float32), sigma2=1.0)
+  assert all(np.all(np.isfinite(np.asarray(f))) for f in given)
+
+
+def test_evbmf_rejects_bad_input():
+  with pytest.raises(ValueError, match='matrix'):
+    vbmf.evbmf(jnp.zeros((2, 3, 4)))
+  with pytest.raises(ValueError, match='method'):
+    vbmf.evbmf(jnp.zeros((2, 3)), method='qr')
+
+
+# ---------------------------------------------------------------------------
+# weakened_rank.
+
+
+@pytest.mark.parametrize('rank,vbmf_rank,weaken,min_rank,expected', [
+    (64, 16, 1.0, 8, 16),     # plain EVBMF
+    (64, 16, 0.5, 8, 40),     # floor(64 - 0.5 * 48)
+    (64, 16, 0.0, 8, 64),     # w = 0 keeps R
+    (64, 0, 1.0, 8, 64),      # EVBMF found nothing: keep R
+    (64, 3, 1.0, 8, 8),       # min_rank
+    (5, 2, 1.0, 8, 5),        # min_rank clamped to R
+    (100, 30, 0.6, 1, 58),    # 0.6 * 70 = 42.000000000000007 in floats
+    (10, 5, 0.8, 1, 6),
+    (7, 9, 1.0, 1, 7),        # never above R
+])
+def test_weakened_rank(rank, vbmf_rank, weaken, min_rank, expected):
+  assert vbmf.weakened_rank(rank, vbmf_rank, weaken=weaken,
+                            min_rank=min_rank) == expected
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(weaken=-0.1, min_rank=1), 'weaken'),
+    (dict(weaken=1.5, min_rank=1), 'weaken'),
+    (dict(weaken=float('nan'), min_rank=1), 'weaken'),
+    (dict(weaken=0.5, min_rank=0), 'min_rank'),
+])
+def test_weakened_rank_validates(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    vbmf.weakened_rank(10, 3, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# vbmf_ranks on a real model tree.
+
+PLANTED = {  # path: planted (R_in, R_out) or (R,)
+    'stage3_block1/conv1': (12, 20),
+    'stage2_block0/conv2': (6, 9),
+    'stage3_block0/shortcut': (5,),
+    'head': (3,),
+}
+
+
+def _planted_kernel(shape, ranks, seed):
+  """A kernel whose unfoldings have the planted ranks, plus small noise."""
+  rng = np.random.default_rng(seed)
+  if len(ranks) == 1:
+    rows = math.prod(shape[:-1])
+    mat = planted((rows, shape[-1]), ranks[0], seed=seed, noise=1e-3)
+    return mat.reshape(shape).astype(np.float32)
+  kh, kw, c_in, c_out = shape
+  r_in, r_out = ranks
+  core = rng.standard_normal((kh, kw, r_in, r_out))
+  u_in, _ = np.linalg.qr(rng.standard_normal((c_in, r_in)))
+  u_out, _ = np.linalg.qr(rng.standard_normal((c_out, r_out)))
+  signal = np.einsum('hwrs,ir,os->hwio', core, u_in, u_out)
+  return (signal + 1e-3 * rng.standard_normal(shape)).astype(np.float32)
+
+
+@pytest.fixture(scope='module')
+def resnet20():
+  model = get_model('resnet20')
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = jax.device_get(init(jax.random.PRNGKey(0),
+                                  jnp.zeros((1, 32, 32, 3))))
+  params, rebuild = tree.split_variables(variables)
+  layers = tree.layers(params)
+  new = {}
+  for i, (path, ranks) in enumerate(PLANTED.items()):
+    shape = layers[path]['kernel'].shape
+    new[path] = dict(layers[path], kernel=_planted_kernel(shape, ranks, i))
+  return rebuild(tree.replace_layers(params, new))
+
+
+@pytest.fixture(scope='module')
+def resnet20_ranks(resnet20):
+  before = copy.deepcopy(jax.device_get(resnet20))
+  out = vbmf.vbmf_ranks(resnet20, return_details=True)
+  after = jax.device_get(resnet20)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+  return out
+
+
+def test_vbmf_ranks_keys_bounds_and_planted_ranks(resnet20, resnet20_ranks):
+  ranks, details = resnet20_ranks
+  layers = tree.layers(tree.split_variables(resnet20)[0])
+  assert list(ranks) == list(layers) == list(details)
+  for path, r in ranks.items():
+    shape = layers[path]['kernel'].shape
+    d = details[path]
+    assert all(isinstance(x, int) for x in r)
+    if len(shape) == 4 and shape[0] * shape[1] > 1:
+      assert len(r) == 2 and d['current'] == shape[2:]
+      assert d['min_rank'] == tuple(min(8, c) for c in shape[2:])
+    else:  # 1x1 shortcuts and the head
+      assert len(r) == 1
+      assert d['current'] == (min(math.prod(shape[:-1]), shape[-1]),)
+      assert d['min_rank'] == (min(2 if len(shape) == 4 else 8,
+                                   d['current'][0]),)
+    assert all(lo <= x <= c for x, lo, c in zip(r, d['min_rank'],
+                                                d['current']))
+    assert d['weakened'] == r
+    assert len(d['singular_values']) == len(r) == len(d['sigma2'])
+    for sv, (rows, cols) in zip(d['singular_values'], d['matrices']):
+      assert sv.shape == (min(rows, cols),) and np.all(np.diff(sv) <= 0)
+  for path, planted_ranks in PLANTED.items():
+    assert details[path]['vbmf'] == planted_ranks, path
+    expected = tuple(max(p, lo) for p, lo in zip(planted_ranks,
+                                                 details[path]['min_rank']))
+    assert ranks[path] == expected
+  # Random (unplanted) He-initialised convs have no signal: EVBMF returns 0
+  # and the current size is kept.
+  assert details['stage1_block0/conv1']['vbmf'] == (0, 0)
+  assert ranks['stage1_block0/conv1'] == (16, 16)
+
+
+def test_vbmf_ranks_equal_per_layer_evbmf(resnet20, resnet20_ranks):
+  _, details = resnet20_ranks
+  layers = tree.layers(tree.split_variables(resnet20)[0])
+  for path in ('stage3_block1/conv1', 'stage2_block0/conv1', 'head',
+               'stage3_block0/shortcut', 'conv1'):
+    k = np.asarray(layers[path]['kernel'])
+    if k.ndim == 4 and k.shape[0] * k.shape[1] > 1:
+      mats = [np.moveaxis(k, 2, 0).reshape(k.shape[2], -1),   # C_in x ...
+              np.moveaxis(k, 3, 0).reshape(k.shape[3], -1)]   # C_out x ...
+    else:
+      mats = [k.reshape(-1, k.shape[-1])]
+    for i, mat in enumerate(mats):
+      res = _jit_evbmf(jnp.asarray(mat))
+      assert details[path]['vbmf'][i] == int(res.rank), path
+      np.testing.assert_allclose(details[path]['sigma2'][i], res.sigma2,
+                                 rtol=1e-4)
+      np.testing.assert_allclose(details[path]['threshold'][i],
+                                 res.threshold, rtol=1e-4)
+      if details[path]['vbmf'][i]:
+        r_rank = reference_evbmf(mat)[0]
+        assert r_rank == details[path]['vbmf'][i], path
+
+
+def test_vbmf_ranks_weaken_and_min_rank(resnet20):
+  # Same shapes and selection as the fixture: no new compilation.
+  ranks = vbmf.vbmf_ranks(resnet20, weaken=0.5,
+                          min_rank={r'stage3_block1/conv1': 1, 'head': 1})
+  assert ranks['stage3_block1/conv1'] == (38, 42)   # floor(64 - 0.5 (64-12))
+  assert ranks['head'] == (6,)                      # floor(10 - 0.5 (10-3))
+  assert ranks['stage3_block0/shortcut'] == (18,)   # floor(32 - 0.5 (32-5))
+  assert vbmf.vbmf_ranks(resnet20, weaken=0.0)['stage3_block1/conv1'] == (
+      64, 64)
+  assert vbmf.vbmf_ranks(resnet20, min_rank=40)['stage3_block1/conv1'] == (
+      40, 40)
+  with pytest.raises(ValueError, match='weaken'):
+    vbmf.vbmf_ranks(resnet20, weaken=1.2)
+  with pytest.raises(ValueError, match='min_rank'):
+    vbmf.vbmf_ranks(resnet20, min_rank=0)
+  with pytest.raises(ValueError, match='min_rank'):
+    vbmf.vbmf_ranks(resnet20, min_rank={'head': -1})
+  with pytest.raises(ValueError, match='matches no layer'):
+    vbmf.vbmf_ranks(resnet20, min_rank={'no_such_layer': 4})
+
+
+def test_vbmf_ranks_selection_and_factorized_forms(resnet20):
+  params, rebuild = tree.split_variables(resnet20)
+  ranks = vbmf.vbmf_ranks(resnet20, select=r'stage1.*')
+  assert ranks and all(p.startswith('stage1') for p in ranks)
+  assert len(ranks) == 6
+  with pytest.raises(ValueError, match='matches no layer'):
+    vbmf.vbmf_ranks(resnet20, select=r'stage9.*')
+
+  layers = tree.layers(params)
+  conv = layers['stage3_block1/conv1']
+  split = dict(tucker2.from_kernel(conv['kernel'], (16, 24)))
+  head = dict(svd_form.from_kernel(layers['head']['kernel'], 5))
+  new = rebuild(tree.replace_layers(
+      params, {'stage3_block1/conv1': split, 'head': head}))
+  ranks, details = vbmf.vbmf_ranks(
+      new, select=['stage3_block1/conv1', 'head'], return_details=True,
+      min_rank=1)
+  d = details['stage3_block1/conv1']
+  assert d['form'] == 'tucker2' and d['shape'] == (3, 3, 16, 24)
+  assert d['current'] == (16, 24)
+  assert d['vbmf'] == (12, 20) and ranks['stage3_block1/conv1'] == (12, 20)
+  assert details['head']['form'] == 'svd'
+  # An svd-form layer's kernel has exact rank 5 (truncation removed the noise
+  # outside the kept subspace): weakening starts from 5, never above it.
+  assert details['head']['current'] == (5,)
+  assert 3 <= ranks['head'][0] <= 5
+
+
+def test_vbmf_ranks_names_a_non_finite_layer(resnet20):
+  params, rebuild = tree.split_variables(resnet20)
+  kernel = np.array(tree.get_layer(params, 'stage2_block1/conv2')['kernel'])
+  kernel[0, 0, 0, 0] = np.nan
+  bad = rebuild(tree.replace_layers(
+      params, {'stage2_block1/conv2': {'kernel': kernel}}))
+  with pytest.raises(ValueError, match='stage2_block1/conv2'):
+    vbmf.vbmf_ranks(bad)
+
+
+def test_vbmf_ranks_is_one_compiled_call(resnet20):
+  """First call: one trace, one XLA compilation; repeat calls: none."""
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+
+  params, _ = tree.split_variables(resnet20)
+  stage2 = {p: v for p, v in tree.layers(params).items()
+            if p.startswith('stage2')}
+  renamed = {'net': {p.replace('/', '_'): v for p, v in stage2.items()}}
+  jax.clear_caches()
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    traces = vbmf._TRACE_COUNT
+    first = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
+    assert (vbmf._TRACE_COUNT - traces, len(compiles)) == (1, 1)
+    second = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
+    # Same shapes under other paths (and a bare params tree): cached too.
+    third = vbmf.vbmf_ranks(renamed)
+    assert (vbmf._TRACE_COUNT - traces, len(compiles)) == (1, 1)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert first == second
+  assert list(third.values()) == list(first.values())

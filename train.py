@@ -1,0 +1,73 @@
+"""Command-line entry point: a config file and overrides -> one pipeline.
+
+  python train.py --config configs/smoke.py --workdir /tmp/smoke
+  python train.py --config configs/resnet20.py --workdir runs/r20 \\
+      --config.num_epochs=10 --config.learning_rate=0.05
+
+The config is locked: overriding a field that does not exist is an error.
+Re-running the same command resumes from the latest checkpoint in --workdir.
+``config.pipeline`` picks the pipeline: 'train' here, the compression
+pipelines from ``lowrank_jax.pipelines.PIPELINES`` when that module exists.
+"""
+
+import importlib
+import json
+import os
+from typing import Callable
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from lowrank_jax import training
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a configs/*.py file with get_config().',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for metrics, TensorBoard logs, checkpoints.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _train(config, workdir) -> dict:
+  _, history = training.train(config, workdir)
+  return training.summarize(history)
+
+
+def get_pipelines() -> dict[str, Callable]:
+  """``{name: fn(config, workdir) -> summary dict}`` of every pipeline."""
+  pipelines = {'train': _train}
+  try:
+    pipelines_lib = importlib.import_module('lowrank_jax.pipelines')
+  except ModuleNotFoundError as e:
+    if e.name != 'lowrank_jax.pipelines':
+      raise
+  else:
+    pipelines.update(pipelines_lib.PIPELINES)
+  return pipelines
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  training.maybe_initialize_distributed(config)
+  pipelines = get_pipelines()
+  if config.pipeline not in pipelines:
+    raise app.UsageError(f'config.pipeline={config.pipeline!r} is unknown; '
+                         f'known pipelines: {sorted(pipelines)}')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2) + '\n')
+  summary = pipelines[config.pipeline](config, workdir)
+  print(json.dumps({'pipeline': config.pipeline, 'workdir': workdir,
+                    **(summary or {})}, indent=2))
+
+
+if __name__ == '__main__':
+  app.run(main)
