@@ -210,7 +210,8 @@ def _load_tfds(name: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
         f'{reason}. Without TensorFlow, tfds.data_source can only read data '
         'already prepared in array_record format (it also needs the packages '
         'importlib_resources and pillow); preparing it needs network access '
-        f'and TensorFlow. For offline use: `{_APT_HINT}` and '
+        "and TensorFlow (pip install -e '.[tfds]' installs all three). For "
+        f'offline use: `{_APT_HINT}` and '
         "name='fashion_mnist_local'.")
 
   # tfds.data_source only defaults to array_record when data_dir is None, so

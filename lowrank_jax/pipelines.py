@@ -352,7 +352,7 @@ class _Job:
   def finish(self) -> dict:
     report_lib.write_report(self.workdir, self.report)
     stages = self.report['stages']
-    first, last = stages[0], stages[-1]
+    first, last = report_lib.reference_stage(stages), stages[-1]
     return {'stages': [{k: s[k] for k in ('name', 'params', 'flops')} |
                        {'test_accuracy': s['test']['accuracy']}
                        for s in stages],

@@ -50,14 +50,23 @@ def _acc(stage, split='test'):
   return '–' if value is None or value != value else f'{100 * value:.2f}%'
 
 
+def reference_stage(stages):
+  """The dense trained network that ratios are taken against: the
+  'baseline' stage, or he2024's 'collapse' (its first stage is the wider
+  over-parameterized network)."""
+  return next((s for s in stages if s['name'] in ('baseline', 'collapse')),
+              stages[0])
+
+
 def to_markdown(report: Mapping, plots: Mapping[str, str] = ()) -> str:
   """The report as Markdown: stages, per-layer table, totals, plots."""
   lines = [f"# {report.get('pipeline')} on {report.get('model')} / "
            f"{report.get('dataset')}", '']
   stages = report.get('stages', [])
   if stages:
-    base = stages[0]
+    base = reference_stage(stages)
     lines += ['## Stages', '',
+              f"Ratios are against `{base['name']}`.", '',
               '| stage | params | FLOPs (MACs) | params ratio | FLOPs ratio |'
               ' val acc | test acc | wall time |',
               '|---|---:|---:|---:|---:|---:|---:|---:|']
@@ -127,6 +136,8 @@ def write_plots(workdir: str, report: Mapping) -> dict[str, str]:
           ax.axhline(float(thresholds[i]), color=f'C{i}', ls='--', lw=0.8)
       for r in d.get('chosen') or []:
         ax.axvline(int(r), color='k', ls=':', lw=0.8)
+      if len(svs) == 2:
+        ax.legend(fontsize=6)
       ax.set_title(path, fontsize=8)
       ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[n:]:

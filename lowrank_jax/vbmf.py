@@ -61,7 +61,12 @@ _BISECT_STEPS = 40
 # Default minimum ranks (MUSCO): k x k convs and dense layers 8, 1x1 convs 2.
 DEFAULT_MIN_RANK_KXK = 8
 DEFAULT_MIN_RANK_1X1 = 2
-METHODS = ('gram', 'svd')
+METHODS = ('auto', 'gram', 'svd')
+# 'auto' redoes a matrix with the SVD when its largest singular value is so
+# far above the noise (x_1 = gamma_1^2 / (M sigma2) > _GRAM_RANGE / eps) that
+# the Gram route's absolute error eps * gamma_1^2 would exceed ~1e-3 of the
+# noise level M sigma2 the decision rests on.
+_GRAM_RANGE = 1e-3
 
 # Incremented each time the batched network function is traced (tests use it
 # to check that a second call on the same shapes does not retrace).
@@ -176,26 +181,46 @@ def _minimize(f, slope, lo, hi):
   return cands[jnp.argmin(jax.vmap(f)(cands))]
 
 
-def _evbmf_sq(lam, big_m, sigma2=None):
-  """EVBMF from squared singular values (L,), largest first, of an L x M matrix.
+def _constants(big_l, big_m, dtype):
+  """alpha, xubar and the 0-based index e of gamma_{e+1} (Eq. of sigma2_lb).
 
-  Returns ``(EVBMFResult, gamma)`` with gamma (L,) the singular values.
+  ``big_l``, ``big_m`` may be Python ints or traced per-matrix scalars.
   """
-  big_l = lam.shape[-1]
-  dtype = lam.dtype
+  big_l = jnp.asarray(big_l, dtype)
+  big_m = jnp.asarray(big_m, dtype)
   alpha = big_l / big_m
-  tau_bar = _TAU_COEF * math.sqrt(alpha)
+  tau_bar = _TAU_COEF * jnp.sqrt(alpha)
   xubar = (1.0 + tau_bar) * (1.0 + alpha / tau_bar)
+  # e = min(ceil(L / (1 + alpha)) - 1, H) with H = L (1-based gamma_{e+1}).
+  e = jnp.minimum(jnp.ceil(big_l / (1.0 + alpha)) - 1.0, big_l - 1.0)
+  return big_l, big_m, alpha, xubar, e.astype(jnp.int32)
+
+
+def _evbmf_sq(lam, big_l, big_m, sigma2=None):
+  """EVBMF from squared singular values of an L x M matrix (L <= M).
+
+  Args:
+    lam: (P,) gamma_h^2, largest first, P >= L; entries from L on are zero
+      padding (several matrices share one compiled solve that way).
+    big_l, big_m: L and M, Python ints or traced scalars.
+    sigma2: the noise variance on the scale of ``lam``, or None.
+
+  Returns:
+    ``(EVBMFResult, gamma)``, both with arrays of length P (zeros from L on).
+  """
+  dtype = lam.dtype
+  big_l, big_m, alpha, xubar, e = _constants(big_l, big_m, dtype)
+  index = jnp.arange(lam.shape[-1])
   total = jnp.sum(lam)
   nonzero = total > 0
   safe_total = jnp.where(nonzero, total, 1.0)
-  g = big_l * lam / safe_total  # gamma_h^2 / (M sigma2_ub); mean(g) == 1.
+  g = big_l * lam / safe_total  # gamma_h^2 / (M sigma2_ub); mean == 1.
   ub = total / (big_l * big_m)  # sigma2_ub = ||Y||_F^2 / (L M)
 
   if sigma2 is None:
-    e = min(math.ceil(big_l / (1.0 + alpha)) - 1, big_l)  # 0-based: g[e].
-    e = min(e, big_l - 1)
-    lb = jnp.maximum(g[e] / xubar, jnp.mean(g[e:]))
+    tail = (index >= e) & (index < big_l)
+    tail_mean = jnp.sum(jnp.where(tail, g, 0.0)) / (big_l - e)
+    lb = jnp.maximum(g[e] / xubar, tail_mean)
     # Numerically low-rank matrices (tail ~ rounding noise) have lb ~ 0:
     # floor it at eps * sigma2_ub (any singular value that small is noise).
     lb = jnp.clip(lb, jnp.finfo(dtype).eps, 1.0)
@@ -203,21 +228,20 @@ def _evbmf_sq(lam, big_m, sigma2=None):
     t = _minimize(functools.partial(_free_energy, **kw),
                   functools.partial(_free_energy_slope, **kw),
                   jnp.log(lb), jnp.zeros((), dtype))
-    v = jnp.exp(t)  # sigma2 / sigma2_ub
-    v = jnp.where(nonzero, v, 0.0)
+    v = jnp.where(nonzero, jnp.exp(t), 0.0)  # sigma2 / sigma2_ub
     sigma2_out = ub * v
   else:
     sigma2_out = jnp.asarray(sigma2, dtype)
     v = jnp.where(nonzero, sigma2_out / jnp.where(nonzero, ub, 1.0), 0.0)
 
   # gamma_h > threshold  <=>  g_h > xubar * v.
-  rank_mask = jnp.where(nonzero, g > xubar * v, False)
+  rank_mask = nonzero & (g > xubar * v) & (index < big_l)
   rank = jnp.sum(rank_mask, dtype=jnp.int32)
   threshold = jnp.sqrt(big_m * sigma2_out * xubar)
   gamma = jnp.sqrt(lam)
-  # Shrinkage (Nakajima et al. 2013, Eq. 15), on the normalized scale.
-  # With gamma^2 = M sigma2_ub g and sigma2 = sigma2_ub v:
-  # sigma2 / gamma^2 = v / (M g).
+  # Shrinkage (Nakajima et al. 2013, Eq. 15) on the normalized scale: with
+  # gamma^2 = M sigma2_ub g and sigma2 = sigma2_ub v, sigma2 / gamma^2 =
+  # v / (M g).
   r = v / (big_m * jnp.where(rank_mask, g, 1.0))
   q = 1.0 - (big_l + big_m) * r
   disc = q * q - 4.0 * big_l * big_m * r * r
@@ -240,9 +264,27 @@ def _prepare(y):
 
 
 def _spectrum(y, method):
-  """gamma^2 of the oriented, rescaled matrix and the scale (see _prepare)."""
+  """gamma^2 (L,) of the oriented matrix divided by ``scale``, and ``scale``.
+
+  ``'auto'`` takes the Gram route and, when the spectrum spans more than the
+  Gram route resolves, recomputes it with the SVD: when
+  ``gamma_1^2 / (M sigma2_lb) > _GRAM_RANGE / eps`` (sigma2_lb <= sigma2, so
+  this errs towards the SVD). Inside ``lax.map`` (as in :func:`vbmf_ranks`)
+  the SVD runs only for such matrices; under ``vmap`` both branches run.
+  """
   y, scale = _prepare(y)
-  return _squared_singular_values(y, method), scale
+  if method != 'auto':
+    return _squared_singular_values(y, method), scale
+  lam = _squared_singular_values(y, 'gram')
+  big_l, big_m = y.shape
+  _, _, _, xubar, e = _constants(big_l, big_m, lam.dtype)
+  tail = jnp.where(jnp.arange(big_l) >= e, lam, 0.0)
+  lb_times_m = jnp.maximum(lam[e] / xubar, jnp.sum(tail) / (big_l - e))
+  limit = _GRAM_RANGE / jnp.finfo(lam.dtype).eps
+  unsure = lam[0] > limit * lb_times_m
+  lam = jax.lax.cond(unsure, lambda: _squared_singular_values(y, 'svd'),
+                     lambda: lam)
+  return lam, scale
 
 
 def _evbmf_matrix(y, sigma2, method):
@@ -250,14 +292,14 @@ def _evbmf_matrix(y, sigma2, method):
   lam, scale = _spectrum(y, method)
   if sigma2 is not None:
     sigma2 = jnp.asarray(sigma2, lam.dtype) / (scale * scale)
-  res, gamma = _evbmf_sq(lam, max(jnp.shape(y)), sigma2)
+  res, gamma = _evbmf_sq(lam, min(jnp.shape(y)), max(jnp.shape(y)), sigma2)
   res = EVBMFResult(res.rank, res.sigma2 * scale * scale,
                     res.threshold * scale, res.shrunk * scale)
   return res, gamma * scale
 
 
 def evbmf(y: jax.Array, *, sigma2: Optional[Any] = None,
-          method: str = 'gram') -> EVBMFResult:
+          method: str = 'auto') -> EVBMFResult:
   """Empirical VBMF of one matrix: rank, noise variance, shrunk spectrum.
 
   Tall inputs are transposed (L <= M after). When ``sigma2`` is None it is
@@ -474,10 +516,11 @@ def _network_evbmf(sources, kinds, groups, method):
     sources: per layer, the kernel / core array or the variables to collapse.
     kinds: per layer ``(source, modes, compute dtype name)``.
     groups: tuple of ``((L, M, dtype), ((layer index, mode index), ...))``.
-    method: 'gram' or 'svd'.
+    method: 'auto', 'gram' or 'svd'.
 
   Returns:
-    Per group ``(rank (B,), sigma2 (B,), threshold (B,), gamma (B, L))``.
+    ``{dtype: (rank (N,), sigma2 (N,), threshold (N,), gamma (N, P))}`` for
+    the N matrices of that dtype in group order, gamma zero-padded to P.
   """
   global _TRACE_COUNT
   _TRACE_COUNT += 1
@@ -490,29 +533,42 @@ def _network_evbmf(sources, kinds, groups, method):
     else:
       kernel = src
     kernels.append(kernel.astype(dtype))
-  out = []
-  for _, members in groups:
+  # Spectra per shape group (static shapes), then ONE vmapped EVBMF solve
+  # for all matrices: spectra zero-padded to the longest, true L and M
+  # passed as data (zero padding adds nothing to any sum of the free energy).
+  lams, scales, sizes = {}, {}, {}
+  for (big_l, big_m, dtype), members in groups:
     stack = jnp.stack([
         _matrix(kernels[i], kinds[i][1][m]) for i, m in members])
+    # lax.map, not vmap: jaxlib 0.10.2's batched CPU eigh fans its batch out
+    # into XLA's intra-op thread pool and blocks the worker until it is
+    # done; two such calls at once (independent groups) wedged a 2-thread
+    # pool for good. One matrix per call runs inline.
+    lam, scale = jax.lax.map(functools.partial(_spectrum, method=method),
+                             stack)
+    lams.setdefault(dtype, []).append(lam)
+    scales.setdefault(dtype, []).append(scale)
+    sizes.setdefault(dtype, []).extend([(big_l, big_m)] * len(members))
+  out = {}
+  for dtype, parts in lams.items():
+    width = max(p.shape[1] for p in parts)
+    lam = jnp.concatenate([jnp.pad(p, ((0, 0), (0, width - p.shape[1])))
+                           for p in parts])
+    scale = jnp.concatenate(scales[dtype])
+    big_l, big_m = (jnp.asarray(a, dtype) for a in zip(*sizes[dtype]))
 
-    # lax.map, not vmap, for the decomposition: jaxlib 0.10.2's batched CPU
-    # eigh fans its batch out into XLA's intra-op thread pool and blocks a
-    # worker until it is done; two such calls running at once (independent
-    # groups) wedge a 2-thread pool for good. One matrix per call runs inline.
-    lam_scale = jax.lax.map(functools.partial(_spectrum, method=method), stack)
-
-    def one(lam, scale, m=stack.shape[-1]):
-      res, gamma = _evbmf_sq(lam, m)
+    def solve(lam, big_l, big_m, scale):
+      res, gamma = _evbmf_sq(lam, big_l, big_m)
       return (res.rank, res.sigma2 * scale * scale, res.threshold * scale,
               gamma * scale)
 
-    out.append(jax.vmap(one)(*lam_scale))
-  return tuple(out)
+    out[dtype] = jax.vmap(solve)(lam, big_l, big_m, scale)
+  return out
 
 
 def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
                min_rank: MinRank = None, return_details: bool = False,
-               method: str = 'gram'):
+               method: str = 'auto'):
   """EVBMF (weakened, clamped) ranks of every selected layer, in one call.
 
   Per layer (paths from :func:`lowrank_jax.tree.layers`):
@@ -553,7 +609,8 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
       full match wins, unmatched layers get the default; a rule that matches
       no layer raises). Always clamped to at most R.
     return_details: also return per-layer details.
-    method: ``'gram'`` or ``'svd'``, see :func:`evbmf`.
+    method: ``'auto'`` (default), ``'gram'`` or ``'svd'``, see
+      :func:`evbmf`.
 
   Returns:
     ``{path: ranks tuple}``; with ``return_details``, ``(ranks, details)``
@@ -607,11 +664,14 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
                 for l in plan)
   out = jax.device_get(_network_evbmf(tuple(sources), kinds, groups, method))
 
-  per_mode = {}
-  for (_, members), (rank, sigma2, thr, gamma) in zip(groups, out):
-    for j, (i, m) in enumerate(members):
+  per_mode, row = {}, {}
+  for (big_l, _, dtype), members in groups:
+    rank, sigma2, thr, gamma = out[dtype]
+    for i, m in members:
+      j = row.setdefault(dtype, 0)
+      row[dtype] += 1
       per_mode[(i, m)] = (int(rank[j]), float(sigma2[j]), float(thr[j]),
-                          np.asarray(gamma[j]))
+                          np.asarray(gamma[j, :big_l]))
   ranks, details = {}, {}
   for i, layer in enumerate(plan):
     found = [per_mode[(i, m)] for m in range(len(layer.modes))]

@@ -1,0 +1,383 @@
+"""Wall-clock speed of factored layers, and the never-slower rule.
+
+FLOP counts do not predict speed: a factored layer runs as several smaller
+ops, each paying its own memory traffic and dispatch, so a layer with 4x fewer
+multiply-adds can run no faster than its dense kernel (or slower, at batch 1).
+This module measures instead of assuming:
+
+* :func:`time_layers` times every split layer of a network against its merged
+  dense kernel (``forms.to_kernel``), each under ``jit`` on the current
+  backend, with the activation shape the layer sees in the network.
+* :func:`never_slower` re-merges (``transforms.collapse``) the layers that are
+  slower than their dense form, so a compressed network is never slower than
+  the original, and says which layers it merged and why.
+* :func:`round_rank` / :func:`round_ranks` round ranks to hardware-friendly
+  multiples; :func:`rank_for_flop_ratio` solves for the ranks that give a
+  FLOP reduction.
+
+Timings are medians over repeats, dense and split interleaved call by call so
+that load from other processes hits both alike; compile time is excluded and
+reported separately.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrank_jax import forms
+from lowrank_jax import transforms
+from lowrank_jax import tree
+from lowrank_jax.forms import base
+from lowrank_jax.layers import _FormLayer
+
+
+class Measured(NamedTuple):
+  """Timing of one jitted function."""
+  median_s: float     # median seconds per call, compile excluded
+  compile_s: float    # seconds of the first call (trace + compile + run)
+  times_s: tuple      # every timed call, seconds
+
+
+class LayerTiming(NamedTuple):
+  """A split layer against its dense form, same input, same backend."""
+  dense_s: float      # median seconds per call of the merged dense kernel
+  split_s: float      # median seconds per call of the split form
+  speedup: float      # dense_s / split_s (> 1: the split is faster)
+  flop_ratio: float   # dense multiply-adds / split multiply-adds
+
+
+class NeverSlowerReport(NamedTuple):
+  """What :func:`never_slower` did."""
+  merged: dict        # {path: reason} layers put back in dense form
+  kept: dict          # {path: reason} split layers left as they were
+  timings: dict       # {path: LayerTiming} as measured (or injected)
+
+
+def time_calls(fns: Sequence[Callable], args: Sequence[tuple], *,
+               repeats: int = 10, warmup: int = 1,
+               min_time_s: float = 0.0) -> list[Measured]:
+  """Medians of jitted calls, interleaved so load noise hits all alike.
+
+  Each function is compiled and run ``warmup`` times first (the first call's
+  time is reported as ``compile_s``); then the functions are called in turn,
+  ``repeats`` rounds, each call waited for with ``jax.block_until_ready``.
+
+  Args:
+    fns: jitted functions (or anything callable on the matching ``args``).
+    args: one tuple of arguments per function.
+    repeats: timed rounds (at least one).
+    warmup: untimed calls per function before the first round (at least 1).
+    min_time_s: keep adding rounds until every function has this much timed
+      time in total (for fast calls whose single times are noisy), at most
+      ``100 * repeats`` rounds.
+
+  Returns:
+    One :class:`Measured` per function.
+  """
+  compile_s = []
+  for fn, a in zip(fns, args):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*a))
+    compile_s.append(time.perf_counter() - start)
+    for _ in range(max(warmup, 1) - 1):
+      jax.block_until_ready(fn(*a))
+  times = [[] for _ in fns]
+  rounds = 0
+  while True:
+    for i, (fn, a) in enumerate(zip(fns, args)):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*a))
+      times[i].append(time.perf_counter() - start)
+    rounds += 1
+    if rounds >= max(repeats, 1) and (
+        min(sum(t) for t in times) >= min_time_s or
+        rounds >= 100 * max(repeats, 1)):
+      break
+  return [Measured(float(np.median(t)), c, tuple(t))
+          for t, c in zip(times, compile_s)]
+
+
+# ----------------------------------------------------------------- ranks ---
+
+
+def round_rank(rank: int, multiple: int, *, bound: int,
+               mode: str = 'up') -> int:
+  """A rank rounded to a multiple of ``multiple``, kept within [1, bound].
+
+  Args:
+    rank: the rank to round (>= 1).
+    multiple: e.g. 8, 16 or 32 (1 returns the rank unchanged).
+    bound: the largest allowed rank (the layer's dimension on that mode).
+    mode: ``'up'`` (never lower: costs FLOPs, never accuracy), ``'down'``
+      (never higher; a rank below ``multiple`` is left as it is) or
+      ``'nearest'`` (ties go up; never below ``multiple``).
+
+  Returns:
+    A multiple of ``multiple``, or ``bound`` when rounding up would pass it,
+    or ``rank`` itself when ``'down'`` would reach 0.
+  """
+  rank, multiple, bound = int(rank), int(multiple), int(bound)
+  if rank < 1 or bound < 1 or multiple < 1:
+    raise ValueError(f'need rank, multiple, bound >= 1; got {rank}, '
+                     f'{multiple}, {bound}')
+  rank = min(rank, bound)
+  if mode == 'up':
+    out = -(-rank // multiple) * multiple
+  elif mode == 'down':
+    out = rank // multiple * multiple or rank
+  elif mode == 'nearest':
+    out = max((rank + multiple // 2) // multiple, 1) * multiple
+  else:
+    raise ValueError(f"mode must be 'up', 'down' or 'nearest', got {mode!r}")
+  return min(out, bound)
+
+
+def round_ranks(ranks: Mapping[str, Any], params, multiple: int, *,
+                mode: str = 'up') -> dict[str, tuple[int, ...]]:
+  """Rounds a ``{path: ranks}`` mapping (e.g. from VBMF) layer by layer.
+
+  The bound of each rank is read from the layer's kernel: (C_in, C_out) for
+  two ranks (Tucker-2), the SVD bound min(rows, C_out) for one rank of a
+  2-D or 1x1 kernel, C_out-side bound for one rank of a k x k kernel.
+
+  Args:
+    ranks: ``{path: int or tuple}``.
+    params: the tree whose layers the paths name (any forms).
+    multiple: rounding multiple (8, 16, 32 ...).
+    mode: see :func:`round_rank`.
+
+  Returns:
+    ``{path: tuple of rounded ranks}``.
+  """
+  params, _ = tree.split_variables(params)
+  out = {}
+  for path, r in ranks.items():
+    variables = tree.get_layer(params, path)
+    shape = jax.eval_shape(forms.to_kernel, variables).shape
+    r = (int(r),) if np.ndim(r) == 0 else tuple(int(x) for x in r)
+    if len(r) == 2:
+      bounds = (shape[-2], shape[-1])
+    else:
+      bounds = (min(math.prod(shape[:-1]), shape[-1]),)
+    out[path] = tuple(round_rank(x, multiple, bound=b, mode=mode)
+                      for x, b in zip(r, bounds))
+  return out
+
+
+def split_macs(form: str, kernel_shape: Sequence[int], ranks: Sequence[int],
+               in_shape: Sequence[int], out_shape: Sequence[int],
+               spec: base.LayerSpec = base.LayerSpec('conv')) -> int:
+  """Multiply-adds of one call of a layer in ``form`` at ``ranks``.
+
+  Uses the form's own ``flops`` on zero-size stand-ins (nothing computed).
+  """
+  v = _stand_in(form, tuple(kernel_shape), tuple(ranks))
+  return int(forms.get(form).flops(v, spec, tuple(in_shape),
+                                   tuple(out_shape)))
+
+
+def _stand_in(form, kernel_shape, ranks):
+  """ShapeDtypeStructs of a layer's variables (for flops and eval_shape)."""
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  if form == 'dense':
+    return {'kernel': s(*kernel_shape)}
+  if form == 'tucker2':
+    kh, kw, c_in, c_out = kernel_shape
+    r_in, r_out = ranks
+    return {'u_in': s(c_in, r_in), 'core': s(kh, kw, r_in, r_out),
+            'u_out': s(r_out, c_out)}
+  if form == 'svd':
+    (r,) = ranks
+    return {'u': s(*kernel_shape[:-1], r), 'v': s(r, kernel_shape[-1])}
+  if form == 'cp':
+    kh, kw, c_in, c_out = kernel_shape
+    (r,) = ranks
+    return {'cp_in': s(c_in, r), 'cp_h': s(kh, r), 'cp_w': s(kw, r),
+            'cp_out': s(r, c_out)}
+  raise ValueError(f'no stand-in for form {form!r}')
+
+
+def rank_for_flop_ratio(form: str, kernel_shape: Sequence[int], ratio: float,
+                        in_shape: Sequence[int], out_shape: Sequence[int],
+                        spec: base.LayerSpec = base.LayerSpec('conv'),
+                        ) -> tuple[int, ...] | None:
+  """The largest ranks whose multiply-adds are at most dense / ``ratio``.
+
+  Tucker-2 ranks keep the channel proportions, ``R_in / C_in = R_out /
+  C_out`` (rounded); SVD and CP have one rank.
+
+  Returns:
+    The ranks, or None if even rank 1 does not reach the ratio.
+  """
+  kernel_shape = tuple(kernel_shape)
+  dense = split_macs('dense', kernel_shape, (), in_shape, out_shape, spec)
+  budget = dense / ratio
+  c_in, c_out = kernel_shape[-2], kernel_shape[-1]
+  if form == 'tucker2':
+    def ranks_at(a):
+      return (min(max(round(a * c_in), 1), c_in),
+              min(max(round(a * c_out), 1), c_out))
+    steps = sorted({ranks_at(i / max(c_in, c_out))
+                    for i in range(1, max(c_in, c_out) + 1)})
+  else:
+    bound = (min(math.prod(kernel_shape[:-1]), c_out) if form == 'svd'
+             else max(c_in, c_out) * kernel_shape[0] * kernel_shape[1])
+    steps = [(r,) for r in range(1, bound + 1)]
+  best = None
+  for r in steps:
+    if split_macs(form, kernel_shape, r, in_shape, out_shape, spec) <= budget:
+      best = r if best is None or sum(r) >= sum(best) else best
+  return best
+
+
+# ---------------------------------------------------------------- layers ---
+
+
+class _Call(NamedTuple):
+  """One project layer's call in a network: what is needed to re-run it."""
+  variables: dict
+  spec: base.LayerSpec
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+
+
+def layer_calls(model: nn.Module, variables, input_shape: Sequence[int], *,
+                dtype=jnp.float32) -> dict[str, _Call]:
+  """Every project layer's variables, spec and activation shapes.
+
+  Traced with ``jax.eval_shape`` (nothing computed), like
+  :func:`lowrank_jax.count_flops`.
+  """
+  calls = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if isinstance(module, _FormLayer) and context.method_name == '__call__':
+      path = '/'.join(module.scope.path)
+      if hasattr(module, 'kernel_size'):
+        spec = base.LayerSpec('conv', tuple(module.strides), module.padding,
+                              tuple(module.kernel_dilation),
+                              module.feature_group_count)
+      else:
+        spec = base.DENSE
+      calls[path] = (spec, tuple(args[0].shape), tuple(out.shape))
+    return out
+
+  def run(variables, x):
+    with nn.intercept_methods(interceptor):
+      return model.apply(variables, x, train=False)
+
+  jax.eval_shape(run, variables,
+                 jax.ShapeDtypeStruct(tuple(input_shape), dtype))
+  params, _ = tree.split_variables(variables)
+  all_layers = tree.layers(params)
+  return {p: _Call(all_layers[p], *c) for p, c in calls.items()
+          if p in all_layers}
+
+
+def _layer_fn(form, spec):
+  return jax.jit(lambda v, x: form.forward(v, x, spec))
+
+
+def time_layers(model: nn.Module, variables, input_shape: Sequence[int], *,
+                dtype=jnp.float32, repeats: int = 10, select=None,
+                min_time_s: float = 0.05, seed: int = 0
+                ) -> dict[str, LayerTiming]:
+  """Times each split layer of a network against its merged dense kernel.
+
+  Every layer not in dense form is run alone, under ``jit`` on the default
+  backend, on a random input of the shape it sees in the network, in its own
+  form and as one dense conv / matmul with ``forms.to_kernel`` of its
+  variables (the same function; bias left out of both). Parameters and input
+  are cast to ``dtype``, as a model with ``dtype=...`` computes.
+
+  Args:
+    model: the Flax model (one of :mod:`lowrank_jax.models` or any model
+      built from :mod:`lowrank_jax.layers`).
+    variables: its variables, some layers split.
+    input_shape: the network input shape, e.g. ``(128, 32, 32, 3)``.
+    dtype: computation dtype.
+    repeats: timed rounds per layer (median taken).
+    select: optional rules restricting which split layers are timed.
+    min_time_s: keep timing until each function has run this long in total.
+    seed: seed of the random inputs.
+
+  Returns:
+    ``{path: LayerTiming}`` for every split layer (in network order).
+  """
+  calls = layer_calls(model, variables, input_shape, dtype=dtype)
+  split = [p for p, c in calls.items()
+           if forms.identify(c.variables) != 'dense']
+  if select is not None:
+    split = tree.select_paths(split, select)
+  dense_form = forms.get('dense')
+  out = {}
+  for i, path in enumerate(split):
+    call = calls[path]
+    form = forms.of(call.variables)
+    v = {k: jnp.asarray(a, dtype) for k, a in call.variables.items()
+         if k != 'bias'}
+    kernel = {'kernel': forms.to_kernel(v)}
+    x = jax.random.normal(jax.random.PRNGKey(seed + i), call.in_shape, dtype)
+    dense_t, split_t = time_calls(
+        [_layer_fn(dense_form, call.spec), _layer_fn(form, call.spec)],
+        [(kernel, x), (v, x)], repeats=repeats, min_time_s=min_time_s)
+    dense_macs = dense_form.flops(kernel, call.spec, call.in_shape,
+                                  call.out_shape)
+    split_macs_ = form.flops(v, call.spec, call.in_shape, call.out_shape)
+    out[path] = LayerTiming(dense_t.median_s, split_t.median_s,
+                            dense_t.median_s / split_t.median_s,
+                            dense_macs / max(split_macs_, 1))
+  return out
+
+
+def never_slower(model: nn.Module, variables, input_shape: Sequence[int], *,
+                 margin: float = 1.0, dtype=jnp.float32, repeats: int = 10,
+                 select=None, timer: Callable[..., Mapping[str, LayerTiming]]
+                 | None = None):
+  """Re-merges every split layer that is not faster than its dense form.
+
+  A split layer is kept only if ``speedup >= margin`` (``margin > 1`` asks
+  for a clear gain, e.g. 1.1 against timing noise); every other timed layer
+  is merged back exactly with :func:`lowrank_jax.collapse`, so the network
+  computes the same function and no layer is slower than in the original.
+
+  Args:
+    model: the Flax model.
+    variables: its variables (not modified).
+    input_shape: network input shape; the batch size matters for speed.
+    margin: least speed-up a split layer must show to stay split.
+    dtype: computation dtype of the timing.
+    repeats: timed rounds per layer.
+    select: optional rules restricting which split layers are considered.
+    timer: replaces :func:`time_layers` (same signature and result), e.g. a
+      fake for tests or a cached table of measurements.
+
+  Returns:
+    ``(new_variables, NeverSlowerReport)``.
+  """
+  timer = time_layers if timer is None else timer
+  timings = dict(timer(model, variables, input_shape, dtype=dtype,
+                       repeats=repeats, select=select))
+  merged, kept = {}, {}
+  for path, t in timings.items():
+    why = (f'split {t.split_s * 1e3:.3f} ms vs dense {t.dense_s * 1e3:.3f} '
+           f'ms: speed-up {t.speedup:.2f}x at {t.flop_ratio:.2f}x fewer '
+           f'FLOPs')
+    if t.speedup >= margin:
+      kept[path] = why
+    else:
+      merged[path] = f'{why} < margin {margin:.2f}x'
+  if merged:
+    variables = transforms.collapse(
+        variables, select=[re.escape(p) for p in merged])
+  return variables, NeverSlowerReport(merged, kept, timings)
