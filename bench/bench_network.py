@@ -15,7 +15,7 @@ All variants of one model are timed interleaved in the same process, and the
 results are appended to ``docs/benchmarks_layers.md``.
 
   python bench/bench_network.py                       # resnet20,resnet18,vgg16
-  python bench/bench_network.py --models vgg16 --legacy   # forms before the speed work
+  python bench/bench_network.py --models vgg16 --legacy  # forms before
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -36,7 +35,6 @@ import bench_layers  # noqa: E402
 from lowrank_jax import count_flops  # noqa: E402
 from lowrank_jax import models  # noqa: E402
 from lowrank_jax import speed  # noqa: E402
-from lowrank_jax import transforms  # noqa: E402
 from lowrank_jax import tree  # noqa: E402
 
 

@@ -103,6 +103,11 @@ def main():
         f'**{_pct([r["final_acc"] for r in mu])}** | '
         f'{_ratio([r["params_ratio"] for r in mu])} · '
         f'{_ratio([r["flops_ratio"] for r in mu])} |')
+  missing = [m for m in ('lenet5', 'resnet20', 'vgg16') if m not in models]
+  if missing:
+    out += ['', f'Not run yet: {", ".join(missing)} (`python bench/results.py '
+            f'--models {" ".join(missing)}`); the session that wrote this page '
+            'ran out of time for them.']
   out += ['', '### Runs', '']
   for key, r in rows.items():
     out.append(f'* `{key}` ({r["run_s"]:.0f} s): `{r["command"]}`')

@@ -12,6 +12,7 @@ from lowrank_jax.counting import count_flops, count_params, FlopsReport
 from lowrank_jax.layers import Conv, Dense
 from lowrank_jax.models import get_model, MODELS
 from lowrank_jax.penalties import orthogonal_penalty
+from lowrank_jax.speed import never_slower, round_ranks, time_layers
 from lowrank_jax.transforms import (collapse, cp_split, layer_forms,
                                     LayerAction, overparameterize, svd_split,
                                     tucker2_split)
@@ -26,5 +27,6 @@ __all__ = [
     'layer_forms', 'layers', 'orthogonal_penalty', 'overparameterize',
     'select_paths', 'svd_split', 'tucker2_split', 'evbmf', 'EVBMFResult',
     'vbmf_ranks', 'weakened_rank', 'adtn_encode', 'adtn_param_count',
-    'ADTNLayerAction', 'decode_time',
+    'ADTNLayerAction', 'decode_time', 'never_slower', 'round_ranks',
+    'time_layers',
 ]

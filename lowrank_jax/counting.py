@@ -45,11 +45,54 @@ class FlopsReport(NamedTuple):
   per_layer: dict[str, LayerFlops]
 
 
+class LayerCall(NamedTuple):
+  """One project layer's call: its spec and activation shapes."""
+  spec: forms.LayerSpec
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+
+
+def layer_calls(model: nn.Module, variables, input_shape: Sequence[int], *,
+                dtype=jnp.float32) -> dict[str, LayerCall]:
+  """The spec and activation shapes of every project layer's call.
+
+  Traced with ``jax.eval_shape`` (nothing is computed); ``variables`` may hold
+  arrays or ``jax.ShapeDtypeStruct`` leaves.
+
+  Args:
+    model: the Flax model.
+    variables: its variables (any forms).
+    input_shape: e.g. ``(1, 32, 32, 3)``.
+    dtype: input dtype.
+
+  Returns:
+    ``{layer path: LayerCall}`` in call order.
+  """
+  calls = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if isinstance(module, _FormLayer) and context.method_name == '__call__':
+      calls['/'.join(module.scope.path)] = LayerCall(
+          _spec(module), tuple(args[0].shape), tuple(out.shape))
+    return out
+
+  def run(variables, x):
+    with nn.intercept_methods(interceptor):
+      return model.apply(variables, x, train=False)
+
+  # Variables go in as arguments, so arrays and ShapeDtypeStructs both work.
+  jax.eval_shape(run, variables, jax.ShapeDtypeStruct(tuple(input_shape),
+                                                      dtype))
+  return calls
+
+
 def count_flops(model: nn.Module, variables, input_shape: Sequence[int], *,
                 dtype=jnp.float32) -> FlopsReport:
   """Multiply-adds of the conv and dense layers for one forward pass.
 
-  Shapes are traced with ``jax.eval_shape`` (nothing is computed); each
+  Shapes are traced with :func:`layer_calls` (nothing is computed); each
   layer's count comes from its form (``forms.<form>.flops``), so a split
   tree is counted as it runs. Batch norm, activations and pooling are not
   counted.
@@ -63,29 +106,15 @@ def count_flops(model: nn.Module, variables, input_shape: Sequence[int], *,
   Returns:
     A :class:`FlopsReport`.
   """
+  params, _ = tree.split_variables(variables)
+  all_layers = tree.layers(params)
   records = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if isinstance(module, _FormLayer) and context.method_name == '__call__':
-      path = '/'.join(module.scope.path)
-      v = dict(module.variables['params'])
-      form = forms.identify(v)
-      spec = _spec(module)
-      macs = forms.get(form).flops(v, spec, tuple(args[0].shape),
-                                   tuple(out.shape))
-      records[path] = LayerFlops(form, tuple(args[0].shape),
-                                 tuple(out.shape), int(macs))
-    return out
-
-  def run(variables, x):
-    with nn.intercept_methods(interceptor):
-      return model.apply(variables, x, train=False)
-
-  # Variables go in as arguments, so arrays and ShapeDtypeStructs both work.
-  jax.eval_shape(run, variables, jax.ShapeDtypeStruct(tuple(input_shape),
-                                                      dtype))
+  for path, call in layer_calls(model, variables, input_shape,
+                                dtype=dtype).items():
+    v = {k: x for k, x in all_layers[path].items()}
+    form = forms.identify(v)
+    macs = forms.get(form).flops(v, call.spec, call.in_shape, call.out_shape)
+    records[path] = LayerFlops(form, call.in_shape, call.out_shape, int(macs))
   return FlopsReport(sum(r.macs for r in records.values()), records)
 
 

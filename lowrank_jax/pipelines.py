@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Mapping, Optional

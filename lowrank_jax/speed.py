@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import counting
 from lowrank_jax import forms
 from lowrank_jax import transforms
 from lowrank_jax import tree
 from lowrank_jax.forms import base
-from lowrank_jax.layers import _FormLayer
 
 
 class Measured(NamedTuple):
@@ -253,34 +253,14 @@ def layer_calls(model: nn.Module, variables, input_shape: Sequence[int], *,
                 dtype=jnp.float32) -> dict[str, _Call]:
   """Every project layer's variables, spec and activation shapes.
 
-  Traced with ``jax.eval_shape`` (nothing computed), like
-  :func:`lowrank_jax.count_flops`.
+  The shapes come from :func:`lowrank_jax.counting.layer_calls` (traced with
+  ``jax.eval_shape``, nothing computed).
   """
-  calls = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if isinstance(module, _FormLayer) and context.method_name == '__call__':
-      path = '/'.join(module.scope.path)
-      if hasattr(module, 'kernel_size'):
-        spec = base.LayerSpec('conv', tuple(module.strides), module.padding,
-                              tuple(module.kernel_dilation),
-                              module.feature_group_count)
-      else:
-        spec = base.DENSE
-      calls[path] = (spec, tuple(args[0].shape), tuple(out.shape))
-    return out
-
-  def run(variables, x):
-    with nn.intercept_methods(interceptor):
-      return model.apply(variables, x, train=False)
-
-  jax.eval_shape(run, variables,
-                 jax.ShapeDtypeStruct(tuple(input_shape), dtype))
   params, _ = tree.split_variables(variables)
   all_layers = tree.layers(params)
-  return {p: _Call(all_layers[p], *c) for p, c in calls.items()
+  return {p: _Call(all_layers[p], c.spec, c.in_shape, c.out_shape)
+          for p, c in counting.layer_calls(model, variables, input_shape,
+                                           dtype=dtype).items()
           if p in all_layers}
 
 

@@ -84,7 +84,7 @@ def test_svd_orders_for_matrices_and_1x1(spec):
                                ref, atol=3e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize('hw', [(1, 1), (2, 2), (2, 5), (4, 4)])
+@pytest.mark.parametrize('hw', [(1, 1), (2, 2), (2, 5)])
 @pytest.mark.parametrize('spec', SPECS)
 @pytest.mark.parametrize('window', [(3, 3), (5, 2)])
 def test_conv_as_matmul_equals_lax_conv(window, spec, hw):

@@ -6,7 +6,6 @@ for dense layers; plus the layer's optional ``bias`` (C_out,).
 
 from __future__ import annotations
 
-import jax
 
 from lowrank_jax.forms import base
 
