@@ -1,6 +1,8 @@
 """ADTN rows of docs/results.md: encoded layers vs SVD at the same budget.
 
   python bench/results_adtn.py --models fc2 lenet5
+  python bench/results_adtn.py --models vgg16   (after bench/results.py has
+                                                 trained vgg16_direct_s0)
 
 Per model: ``train.py`` with ``pipeline=adtn`` (baseline -> encode the
 selected dense layers as ADTNs -> train end to end), then, from the same
@@ -27,7 +29,27 @@ RESULTS_JSON = os.path.join(ROOT, 'docs', 'results_adtn.json')
 SETTINGS = {
     'fc2': dict(select='fc1', num_epochs=8, train_epochs=4, depth=4),
     'lenet5': dict(select='fc1|fc2', num_epochs=8, train_epochs=4, depth=4),
+    # VGG-16's 512-512 classifier, from the baseline that bench/results.py
+    # trained for the vgg16 rows (same subsets; training VGG-16 again would
+    # not fit the CPU budget).
+    # The paper's headline case: ONE network for both linear layers.
+    'vgg16': dict(select='fc1|fc2', num_epochs=3, train_epochs=2, depth=4,
+                  share=True,
+                  pretrained=os.path.join('runs', 'results', 'vgg16_direct_s0',
+                                          'stages', 'baseline'),
+                  overrides={'train_subset': 2500, 'test_subset': 2000,
+                             'validation_size': 500, 'eval_batch_size': 500}),
 }
+
+
+def apply_overrides(config, overrides):
+  """Sets ``{'a.b': value}`` on an ml_collections config (types checked)."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
 
 
 def main():
@@ -58,6 +80,16 @@ def main():
            f'--config.finetune.num_epochs={s["train_epochs"]}',
            '--config.finetune.learning_rate=0.003',
            '--config.progress=False', '--config.checkpoint_every_steps=0']
+    overrides = dict(s.get('overrides', {}))
+    if s.get('share'):
+      overrides['adtn.share'] = True
+    if s.get('pretrained'):
+      if not os.path.isdir(os.path.join(ROOT, s['pretrained'])):
+        raise SystemExit(f'{model_name}: no baseline at {s["pretrained"]}; '
+                         'run bench/results.py --models '
+                         f'{model_name} --seeds {args.seed} first')
+      overrides['compress.pretrained'] = s['pretrained']
+    cmd += [f'--config.{k}={v}' for k, v in overrides.items()]
     shown = ' '.join(shlex.quote(a) for a in ['python'] + cmd[1:])
     print('$', shown, flush=True)
     t0 = time.time()
@@ -81,15 +113,23 @@ def main():
     config.finetune.learning_rate = 0.003
     config.progress = False
     config.checkpoint_every_steps = 0
+    apply_overrides(config, overrides)
     base = training.load_variables(os.path.join(workdir, 'stages',
                                                 'baseline'))
     layers = tree.layers(base['params'])
-    per_layer_budget = {p: encoded[p]['params_after'] for p in encoded}
     ranks = {}
-    for p, budget in per_layer_budget.items():
-      rows, cols = layers[p]['kernel'].shape
-      bias = layers[p]['bias'].size if 'bias' in layers[p] else 0
-      ranks[p] = max(1, math.ceil((budget - bias) / (rows + cols)))
+    if s.get('share'):
+      # One budget for the group: the same rank r for every member, the
+      # smallest with sum_l r (rows_l + cols_l) >= the ADTN's parameters.
+      sides = sum(sum(layers[p]['kernel'].shape) for p in encoded)
+      r = max(1, math.ceil(adtn_params / sides))
+      ranks = {p: r for p in encoded}
+    else:
+      for p, d in encoded.items():
+        rows, cols = layers[p]['kernel'].shape
+        bias = layers[p]['bias'].size if 'bias' in layers[p] else 0
+        ranks[p] = max(1, math.ceil((d['params_after'] - bias) /
+                                    (rows + cols)))
     svd = lj.svd_split(base, ranks)
     svd_params = sum(lj.count_params(svd, per_layer=True)[p] for p in ranks)
     dataset = training.load_dataset(config)
@@ -104,6 +144,7 @@ def main():
     row = {
         'model': model_name, 'command': shown,
         'layers': sorted(encoded), 'depth': s['depth'],
+        'shared': bool(s.get('share')),
         'dense_params': dense_params, 'adtn_params': adtn_params,
         'rel_error': {p: d['rel_error'] for p, d in encoded.items()},
         'baseline_acc': stages['baseline']['test']['accuracy'],

@@ -118,7 +118,11 @@ def main():
             'fitted briefly to the baseline kernels, then the whole network '
             'trains end to end. SVD: the same layers split at the rank whose '
             'parameters are closest to (not below) the ADTN\'s, fine-tuned '
-            'the same way.', '',
+            'the same way. "One shared ADTN": the layers\' kernels are '
+            'concatenated and encoded by a single network, as the paper does '
+            'for VGG-16 (SVD then gets one rank r for all of them, the '
+            'smallest whose factors are not below the ADTN\'s parameters).',
+            '',
             '| model | layers | params of those layers: dense → ADTN / SVD |'
             ' baseline | ADTN right after encoding → after training | SVD '
             'right after split → after training | decode time per step | '
@@ -126,7 +130,8 @@ def main():
             '|---|---|---|---|---|---|---|---|']
     for m, r in adtn.items():
       out.append(
-          f'| {m} | {", ".join(r["layers"])} (M={r["depth"]}) | '
+          f'| {m} | {", ".join(r["layers"])} (M={r["depth"]}'
+          f'{", one shared ADTN" if r.get("shared") else ""}) | '
           f'{r["dense_params"]:,} → {r["adtn_params"]:,} / '
           f'{r["svd_params"]:,} | {_pct([r["baseline_acc"]])} | '
           f'{_pct([r["adtn_after_encode_acc"]])} → '

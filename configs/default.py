@@ -93,5 +93,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.adtn.noise = 0.5  # Std of the noise on identity gates at init.
   config.adtn.match_norm = True  # Rescale the fit to the kernel's norm.
   config.adtn.min_size = 4096  # Smaller kernels stay dense.
+  config.adtn.share = False  # One ADTN for all selected layers (the paper's VGG case).
   config.early_stopping_patience = 0  # Stop after k evals without gain (0: off).
   return config

@@ -7,7 +7,8 @@ variables they hold, so the same ``model.apply`` runs every transformed tree.
 """
 
 from lowrank_jax import forms
-from lowrank_jax.adtn import adtn_encode, adtn_param_count, ADTNLayerAction, decode_time
+from lowrank_jax.adtn import (adtn_encode, adtn_param_count, adtn_unshare,
+                              ADTNLayerAction, decode_time)
 from lowrank_jax.counting import count_flops, count_params, FlopsReport
 from lowrank_jax.layers import Conv, Dense
 from lowrank_jax.models import get_model, MODELS
@@ -27,6 +28,6 @@ __all__ = [
     'layer_forms', 'layers', 'orthogonal_penalty', 'overparameterize',
     'select_paths', 'svd_split', 'tucker2_split', 'evbmf', 'EVBMFResult',
     'vbmf_ranks', 'weakened_rank', 'adtn_encode', 'adtn_param_count',
-    'ADTNLayerAction', 'decode_time', 'never_slower', 'round_ranks',
-    'time_layers',
+    'ADTNLayerAction', 'adtn_unshare', 'decode_time', 'never_slower',
+    'round_ranks', 'time_layers',
 ]

@@ -7,14 +7,13 @@ whose gates are fitted to the kernel by Adam on the reconstruction error. The
 same ``model.apply`` runs the result (the layer decodes its kernel at apply
 time), and training the tree trains the gates end to end through the decode.
 
-Not done: sharing one ADTN between several layers (the paper concatenates the
-weights of, e.g., VGG-16's two linear layers and encodes them with one
-network). A layer here computes with the variables it holds and nothing else;
-a Flax layer cannot read a sibling's variables at apply time, so a shared
-network would need either the model to pass the gates down (a different
-model) or duplicated gates whose gradients are tied outside ``model.apply``
-(a different training step). Both break "a pure transform of the tree, run by
-the same model", so every layer gets its own ADTN.
+With ``share=True`` the selected layers share ONE network, as the paper does
+for VGG-16's two linear layers: their kernels, flattened and concatenated in
+tree order, are fitted together; the network sits once at the top of the
+tree (``params['adtn_shared']['g<k>']``) and each layer keeps a scalar and
+its slot (:mod:`lowrank_jax.forms.adtn_shared`). The same ``model.apply``
+runs it: a member layer reads its group from the root of the variables it is
+applied with. :func:`adtn_unshare` turns members back into dense layers.
 
 References:
   Qing, Li, Zhou, Ran, Compressing neural network by tensor network with
@@ -29,11 +28,13 @@ import time
 from typing import Callable, Mapping, NamedTuple, Union
 
 import jax
+import jax.numpy as jnp
 
 from lowrank_jax import forms
 from lowrank_jax import transforms
 from lowrank_jax import tree
 from lowrank_jax.forms import adtn as adtn_form
+from lowrank_jax.forms import adtn_shared as shared_form
 
 Depth = Union[int, Mapping[str, int], Callable[[str, dict], int]]
 
@@ -51,7 +52,9 @@ class ADTNLayerAction(NamedTuple):
   reason: str = ''
   rel_error: float = float('nan')   # ||W - W_hat|| / ||W|| after the fit
   params_before: int = 0   # the kernel's entries (bias excluded)
-  params_after: int = 0    # gates + scale (bias excluded)
+  params_after: int = 0    # gates + scale (bias excluded); with share=True
+                           # the group's parameters count at its first member
+  group: str = ''          # the shared group ('g0', ...) with share=True
 
 
 def adtn_param_count(q: int, m: int, *, scale_size: int = 1) -> int:
@@ -89,7 +92,7 @@ def adtn_encode(params, *, select=None, depth: Depth,
                 learning_rate: float = 1e-2, key: jax.Array | None = None,
                 min_size: int = 4096, noise: float = 0.1, clip: float = 1.0,
                 channel_scale: bool = False, match_norm: bool = False,
-                report: bool = False):
+                share: bool = False, report: bool = False):
   """Encodes selected layers' kernels as deep ADTNs fitted by gradient descent.
 
   Each selected layer's kernel ``W`` (of any form: non-dense layers are
@@ -127,10 +130,18 @@ def adtn_encode(params, *, select=None, depth: Depth,
       whose least-squares fit shrinks towards 0; see
       :func:`lowrank_jax.forms.adtn.fit`). The reported error is then that
       of the rescaled kernel.
+    share: encode all selected (eligible) layers with ONE network fitted to
+      their concatenated kernels (``depth`` must then be an int;
+      ``channel_scale`` is not available; ``min_size`` applies per layer and
+      the parameter check to the whole group). Each member also learns a
+      scalar of its own (its ``adtn_ref_scale``, 1 after the fit).
     report: also return a list of :class:`ADTNLayerAction`.
 
   Returns:
-    The new tree (and the report). Encoded layers hold ``adtn_gates``
+    The new tree (and the report). With ``share``, members hold
+    ``adtn_ref_scale`` (), the carriers ``adtn_shape`` and ``adtn_ref``, and
+    their bias, and the tree gains ``adtn_shared/g<k>``. Otherwise encoded
+    layers hold ``adtn_gates``
     (M, Q-1, 2, 2, 2, 2), ``adtn_scale`` () or (C_out,), and the zero-size
     carriers ``adtn_shape`` (0, *kernel_shape), ``adtn_nonlin`` (0, code),
     plus their bias.
@@ -149,6 +160,12 @@ def adtn_encode(params, *, select=None, depth: Depth,
   elif not callable(depth):
     _check_depth(depth)
   key = jax.random.PRNGKey(0) if key is None else key
+  if share:
+    return _encode_shared(
+        params, select=select, depth=depth, nonlinearity=nonlinearity,
+        steps=steps, learning_rate=learning_rate, key=key, min_size=min_size,
+        noise=noise, clip=clip, channel_scale=channel_scale,
+        match_norm=match_norm, report=report)
   results = {}
   index = {}
 
@@ -203,6 +220,127 @@ def adtn_encode(params, *, select=None, depth: Depth,
   return new, out
 
 
+def _encode_shared(params, *, select, depth, nonlinearity, steps,
+                   learning_rate, key, min_size, noise, clip, channel_scale,
+                   match_norm, report):
+  """adtn_encode(..., share=True): one network for all selected layers."""
+  if not isinstance(depth, int) or isinstance(depth, bool):
+    raise TypeError(f'share=True takes one int depth for the whole group, '
+                    f'got {depth!r}')
+  if channel_scale:
+    raise ValueError('share=True has no per-channel scale (members of '
+                     'different widths share one network); use '
+                     'channel_scale=False')
+  m = _check_depth(depth)
+  bare, rebuild = tree.split_variables(params)
+  groups = dict(bare.get(shared_form.ROOT, {}))
+  index = 0
+  while f'g{index}' in groups:
+    index += 1
+  name = f'g{index}'
+  all_layers = tree.layers(bare)
+  chosen = tree.select_paths(all_layers, select)
+  members, skipped = [], {}
+  for path in chosen:
+    v = all_layers[path]
+    if forms.identify(v) == shared_form.NAME:
+      skipped[path] = ('already a member of shared group '
+                       f'{shared_form.group_name(v)!r}')
+      continue
+    n = math.prod(transforms._kernel_shape(v))  # pylint: disable=protected-access
+    if n < min_size:
+      skipped[path] = f'kernel has {n} entries < min_size={min_size}'
+      continue
+    members.append(path)
+  kernels = {}
+  for path in members:
+    tree.check_finite(path, all_layers[path])
+    kernels[path] = forms.to_kernel(all_layers[path])
+  total = sum(k.size for k in kernels.values())
+  q = adtn_form.num_qubits(max(total, 1))
+  group_params = adtn_param_count(q, m)
+  if members and group_params + len(members) >= total:
+    reason = (f'a shared ADTN with Q={q}, M={m} has {group_params} '
+              f'parameters >= the {total} entries of {members}')
+    skipped.update({p: reason for p in members})
+    members = []
+  new, errors = {}, {}
+  if members:
+    flat = jnp.concatenate([kernels[p].reshape(-1) for p in members])
+    fitted, _, _ = adtn_form.fit(
+        flat, m, nonlinearity=nonlinearity, steps=steps,
+        learning_rate=learning_rate, noise=noise, clip=clip,
+        match_norm=match_norm, key=key)
+    g = shared_form.group(fitted['adtn_gates'], fitted['adtn_scale'], total,
+                          nonlinearity, flat.dtype)
+    groups[name] = g
+    decoded = shared_form.decode_group(g)
+    start = 0
+    for path in members:
+      k = kernels[path]
+      out = shared_form.member(k.shape, index, start, k.dtype)
+      if 'bias' in all_layers[path]:
+        out['bias'] = all_layers[path]['bias']
+      w_hat = shared_form.slice_kernel(decoded, out)
+      errors[path] = float(jnp.linalg.norm(w_hat - k) /
+                           jnp.maximum(jnp.linalg.norm(k), 1e-30))
+      new[path] = out
+      start += k.size
+  result = tree.replace_layers(bare, new)
+  if members:
+    result = {**result, shared_form.ROOT: groups}
+  result = rebuild(result)
+  if not report:
+    return result
+  actions = []
+  for path in chosen:
+    v = all_layers[path]
+    before = forms.identify(v)
+    n = math.prod(transforms._kernel_shape(v))  # pylint: disable=protected-access
+    if path in new:
+      first = path == members[0]
+      actions.append(ADTNLayerAction(
+          path, 'split', before, shared_form.NAME, (m, q), '',
+          errors[path], n, 1 + (group_params if first else 0), name))
+    else:
+      actions.append(ADTNLayerAction(
+          path, 'skipped', before, before, forms.get(before).ranks(v),
+          skipped[path], float('nan'), n, n))
+  return result, actions
+
+
+def adtn_unshare(params, *, report: bool = False):
+  """Turns every shared-ADTN member into a dense layer and drops the groups.
+
+  Args:
+    params: variables dict or bare params tree (not modified).
+    report: also return a list of :class:`transforms.LayerAction`.
+
+  Returns:
+    The new tree (members hold ``kernel`` (+ ``bias``), the decoded slice
+    times their scale), and the report.
+  """
+  bare, rebuild = tree.split_variables(params)
+  decoded = {}
+  new, actions = {}, []
+  for path, v in tree.layers(bare).items():
+    if forms.identify(v) != shared_form.NAME:
+      continue
+    g = shared_form.group_name(v)
+    if g not in decoded:
+      decoded[g] = shared_form.decode_group(
+          shared_form.find_group(bare, v, path))
+    new[path] = {'kernel': shared_form.slice_kernel(decoded[g], v)}
+    if 'bias' in v:
+      new[path]['bias'] = v['bias']
+    actions.append(transforms.LayerAction(path, 'merged', shared_form.NAME,
+                                          'dense', ()))
+  result = dict(tree.replace_layers(bare, new))
+  result.pop(shared_form.ROOT, None)
+  result = rebuild(result)
+  return (result, actions) if report else result
+
+
 class DecodeTime(NamedTuple):
   """Wall time of decoding every ADTN layer of a tree in one jitted call."""
   seconds: float                 # median over repeats, all layers together
@@ -225,15 +363,27 @@ def decode_time(params, *, repeats: int = 10,
 
   Returns:
     A :class:`DecodeTime` (zeros and empty dicts when there is no ADTN
-    layer).
+    layer); a shared group is timed and counted once, under
+    ``'adtn_shared/g<k>'``.
   """
   params, _ = tree.split_variables(params)
   layers = {p: v for p, v in tree.layers(params).items()
             if forms.identify(v) == adtn_form.NAME}
   macs = {p: adtn_form.decode_macs(v) for p, v in layers.items()}
+  for g, v in params.get(shared_form.ROOT, {}).items():
+    path = f'{shared_form.ROOT}/{g}'
+    layers[path] = v
+    macs[path] = adtn_form.decode_macs(
+        {'adtn_gates': v['adtn_gates'],
+         'adtn_shape': v['adtn_size']})
+
+  def decode_one(path, v):
+    if path.startswith(shared_form.ROOT + '/'):
+      return shared_form.decode_group(v)
+    return adtn_form.to_kernel(v)
 
   def timed(subset):
-    fn = jax.jit(lambda t: {p: adtn_form.to_kernel(v) for p, v in t.items()})
+    fn = jax.jit(lambda t: {p: decode_one(p, v) for p, v in t.items()})
     jax.block_until_ready(fn(subset))
     times = []
     for _ in range(max(1, repeats)):
@@ -250,4 +400,4 @@ def decode_time(params, *, repeats: int = 10,
 
 
 __all__ = ['ADTNLayerAction', 'DecodeTime', 'adtn_encode', 'adtn_param_count',
-           'decode_time']
+           'adtn_unshare', 'decode_time']

@@ -50,6 +50,15 @@ class _FormLayer(nn.Module):
     x, *values = dtypes.promote_dtype(x, *(variables[n] for n in names),
                                       dtype=dtype)
     variables = dict(zip(names, values))
+    if getattr(module, 'SHARED', False):
+      # Variables shared by several layers sit at the top of the tree this
+      # model is applied with; reading them from the root scope makes every
+      # member's gradient land on the one shared copy.
+      root = self.scope.root
+      top = ({module.ROOT: root.get_variable('params', module.ROOT)}
+             if root.has_variable('params', module.ROOT) else {})
+      variables[module.GROUP_KEY] = module.find_group(
+          top, variables, '/'.join(self.scope.path))
     y = module.forward(variables, x, spec)
     if 'bias' in variables:
       y = y + variables['bias']

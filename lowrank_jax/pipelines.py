@@ -477,14 +477,15 @@ def run_adtn(config, workdir: str) -> dict:
         nonlinearity=a.nonlinearity, steps=a.fit_steps,
         learning_rate=a.fit_learning_rate, noise=a.noise,
         match_norm=a.match_norm, min_size=a.min_size,
-        key=jax.random.PRNGKey(config.seed), report=True)
+        share=a.get('share', False), key=jax.random.PRNGKey(config.seed),
+        report=True)
     for act in actions:
       job.report['layers'].setdefault(act.path, {})['encode'] = {
           'form': act.form_before, 'form_after': act.form_after,
           'action': act.action, 'kept': act.reason,
           'chosen': list(act.ranks), 'rel_error': act.rel_error,
           'params_before': act.params_before,
-          'params_after': act.params_after}
+          'params_after': act.params_after, 'group': act.group}
     timing = adtn_lib.decode_time(out)
     return out, {'decode_s_per_step': timing.seconds,
                  'decode_macs': timing.macs,

@@ -52,6 +52,8 @@ def _kind(variables) -> str:
 
 def _kernel_shape(variables) -> tuple[int, ...]:
   form = forms.of(variables)
+  if hasattr(form, 'kernel_shape'):   # read from the variables' shapes
+    return tuple(form.kernel_shape(variables))
   kernel = jax.eval_shape(form.to_kernel, variables)
   return tuple(kernel.shape)
 

@@ -247,3 +247,114 @@ def test_training_through_decode_lowers_loss():
   assert float(jnp.abs(trainable['adtn_gates'] - gates0).max()) > 1e-3
   # Measured: 2.48 -> ~1.5 (only the ADTN layer's gates, scale, bias train).
   assert np.mean(losses[-4:]) < losses[0] - 0.3, losses
+
+
+def _shared_lenet5(steps=0):
+  model = models.get_model('lenet5')
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 28, 28, 1))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  new, rep = adtn.adtn_encode(variables, select='fc1|fc2', depth=2,
+                              steps=steps, noise=0.5, share=True, report=True)
+  return model, x, variables, new, rep
+
+
+def test_shared_adtn_one_network_for_two_layers():
+  model, x, variables, new, rep = _shared_lenet5(steps=5)
+  # fc1 (400 x 120) and fc2 (120 x 84): 58,080 entries -> Q = 16, M = 2.
+  assert [(a.path, a.action, a.group, a.ranks) for a in rep] == [
+      ('fc1', 'split', 'g0', (2, 16)), ('fc2', 'split', 'g0', (2, 16))]
+  group = new['params']['adtn_shared']['g0']
+  assert group['adtn_gates'].shape == (2, 15, 2, 2, 2, 2)
+  assert transforms.layer_forms(new)['fc1'] == 'adtn_shared'
+  # Parameters: the dense kernels go, one network + one scalar per member
+  # come; the report's params_after adds up to the same.
+  group_params = 16 * 15 * 2 + 1
+  assert count_params(new) == (count_params(variables) - 400 * 120
+                               - 120 * 84 + group_params + 2)
+  assert sum(a.params_after for a in rep) == group_params + 2
+  # Each member's kernel is its slot of the one decoded vector.
+  flat = np.asarray(adtn_form.contract(group['adtn_gates'], 'relu'))
+  flat = flat * float(group['adtn_scale'])
+  dense = adtn.adtn_unshare(new)
+  assert 'adtn_shared' not in dense['params']
+  for path, start, shape in (('fc1', 0, (400, 120)),
+                             ('fc2', 48000, (120, 84))):
+    want = flat[start:start + math.prod(shape)].reshape(shape) * float(
+        new['params'][path]['adtn_ref_scale'])
+    np.testing.assert_allclose(dense['params'][path]['kernel'], want,
+                               rtol=1e-5, atol=1e-7)
+    assert math.isclose(rep[start > 0].rel_error, float(
+        np.linalg.norm(want - variables['params'][path]['kernel']) /
+        np.linalg.norm(variables['params'][path]['kernel'])), rel_tol=1e-4)
+  # The same model.apply runs the shared tree, as the dense one.
+  out = model.apply(new, x)
+  np.testing.assert_allclose(out, model.apply(dense, x), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_shared_adtn_gradients_from_all_members_reach_the_gates():
+  model, x, _, new, _ = _shared_lenet5()
+
+  def via_model(gates):
+    p = dict(new['params'])
+    p['adtn_shared'] = {'g0': {**p['adtn_shared']['g0'],
+                               'adtn_gates': gates}}
+    return jnp.sum(model.apply({'params': p}, x) ** 2)
+
+  def via_unshare(gates):   # members decoded by hand, outside the layers
+    p = dict(new['params'])
+    p['adtn_shared'] = {'g0': {**p['adtn_shared']['g0'],
+                               'adtn_gates': gates}}
+    return jnp.sum(model.apply(adtn.adtn_unshare({'params': p}), x) ** 2)
+
+  gates = new['params']['adtn_shared']['g0']['adtn_gates']
+  g_model = jax.jit(jax.grad(via_model))(gates)
+  np.testing.assert_allclose(g_model, jax.grad(via_unshare)(gates),
+                             rtol=1e-4, atol=1e-6)
+  # Both members contribute: freezing fc2's slot changes the gradient.
+  def fc1_only(gates):
+    p = dict(new['params'])
+    p['adtn_shared'] = {'g0': {**p['adtn_shared']['g0'],
+                               'adtn_gates': gates}}
+    p['fc2'] = adtn.adtn_unshare(new)['params']['fc2']
+    return jnp.sum(model.apply({'params': p}, x) ** 2)
+  assert float(jnp.abs(jax.grad(fc1_only)(gates) - g_model).max()) > 1e-6
+  # The decode cost is the group's, counted once.
+  timing = adtn.decode_time(new, repeats=1)
+  assert set(timing.macs) == {'adtn_shared/g0'}
+
+
+def test_shared_adtn_bad_inputs():
+  model, x, variables, new, _ = _shared_lenet5()
+  orphan = {'params': {k: v for k, v in new['params'].items()
+                       if k != 'adtn_shared'}}
+  with pytest.raises(ValueError, match=r"'fc1'.*'g0'"):
+    model.apply(orphan, x)
+  with pytest.raises(ValueError, match='adtn_unshare'):
+    forms.to_kernel(new['params']['fc1'])
+  with pytest.raises(ValueError, match='adtn_unshare'):
+    transforms.svd_split(new, {'fc1': 4})
+  with pytest.raises(TypeError, match='one int depth'):
+    adtn.adtn_encode(variables, select='fc1|fc2', depth={'fc1': 2},
+                     share=True)
+  with pytest.raises(ValueError, match='per-channel'):
+    adtn.adtn_encode(variables, select='fc1|fc2', depth=2, share=True,
+                     channel_scale=True)
+  # Encoding again with share: members are skipped, a second group is new.
+  again, rep = adtn.adtn_encode(new, select='fc1|fc2|conv2', depth=2,
+                                steps=0, min_size=1000, share=True,
+                                report=True)
+  by_path = {a.path: a for a in rep}
+  assert by_path['conv2'].action == 'split' and by_path['conv2'].group == 'g1'
+  assert by_path['fc1'].action == 'skipped'
+  assert 'shared group' in by_path['fc1'].reason
+  assert set(again['params']['adtn_shared']) == {'g0', 'g1'}
+  np.testing.assert_allclose(
+      model.apply(again, x),
+      model.apply(adtn.adtn_unshare(again), x), rtol=1e-5, atol=1e-5)
+  # A group that would not be smaller than its members is not made.
+  small = {'a': {'kernel': jnp.ones((8, 8))}, 'b': {'kernel': jnp.ones((4, 4))}}
+  _, rep = adtn.adtn_encode(small, depth=2, steps=0, min_size=1, share=True,
+                            report=True)
+  assert all(a.action == 'skipped' and 'parameters >=' in a.reason
+             for a in rep)

@@ -14,6 +14,9 @@ A form module defines:
 * ``flops(v, spec, in_shape, out_shape)``: multiply-adds for one call.
 * optionally ``refine(v, ranks, **options)``: re-compress a layer already in
   this form without going through the dense kernel (Tucker-2 by its core).
+* optionally ``SHARED = True`` with ``find_group(params, v, path)`` and
+  ``GROUP_KEY``: the layer also reads variables shared by several layers
+  from the top of the params tree (:mod:`lowrank_jax.forms.adtn_shared`).
 
 Adding a decomposition is adding a module and one ``register`` call.
 """
@@ -24,6 +27,7 @@ import types
 from typing import Iterable
 
 from lowrank_jax.forms import adtn
+from lowrank_jax.forms import adtn_shared
 from lowrank_jax.forms import base
 from lowrank_jax.forms import cp
 from lowrank_jax.forms import dense
@@ -47,7 +51,7 @@ def register(module: types.ModuleType) -> types.ModuleType:
   return module
 
 
-for _m in (dense, tucker2, svd, cp, overparam, adtn):
+for _m in (dense, tucker2, svd, cp, overparam, adtn, adtn_shared):
   register(_m)
 
 
