@@ -1,6 +1,6 @@
 """ADTN rows of docs/results.md: encoded layers vs SVD at the same budget.
 
-  python bench/results_adtn.py --models fc2 lenet5
+  python bench/results_adtn.py --models fc2 lenet5 lenet5_shared
   python bench/results_adtn.py --models vgg16   (after bench/results.py has
                                                  trained vgg16_direct_s0)
 
@@ -29,6 +29,13 @@ RESULTS_JSON = os.path.join(ROOT, 'docs', 'results_adtn.json')
 SETTINGS = {
     'fc2': dict(select='fc1', num_epochs=8, train_epochs=4, depth=4),
     'lenet5': dict(select='fc1|fc2', num_epochs=8, train_epochs=4, depth=4),
+    # lenet5's fc1 + fc2 again, now with ONE network for both, from the
+    # baseline of the 'lenet5' row.
+    'lenet5_shared': dict(model='lenet5', select='fc1|fc2', num_epochs=8,
+                          train_epochs=4, depth=4, share=True,
+                          pretrained=os.path.join('runs', 'adtn',
+                                                  'lenet5_adtn_s0', 'stages',
+                                                  'baseline')),
     # VGG-16's 512-512 classifier, from the baseline that bench/results.py
     # trained for the vgg16 rows (same subsets; training VGG-16 again would
     # not fit the CPU budget).
@@ -69,9 +76,10 @@ def main():
   if os.path.exists(RESULTS_JSON):
     with open(RESULTS_JSON) as f:
       results = json.load(f)
-  for model_name in args.models:
-    s = SETTINGS[model_name]
-    workdir = os.path.join(args.root, f'{model_name}_adtn_s{args.seed}')
+  for key in args.models:
+    s = SETTINGS[key]
+    model_name = s.get('model', key)
+    workdir = os.path.join(args.root, f'{key}_adtn_s{args.seed}')
     cmd = [sys.executable, 'train.py', f'--config=configs/{model_name}.py',
            f'--workdir={workdir}', '--config.pipeline=adtn',
            f'--config.seed={args.seed}', f'--config.num_epochs={s["num_epochs"]}',
@@ -85,9 +93,8 @@ def main():
       overrides['adtn.share'] = True
     if s.get('pretrained'):
       if not os.path.isdir(os.path.join(ROOT, s['pretrained'])):
-        raise SystemExit(f'{model_name}: no baseline at {s["pretrained"]}; '
-                         'run bench/results.py --models '
-                         f'{model_name} --seeds {args.seed} first')
+        raise SystemExit(f'{key}: no baseline at {s["pretrained"]}; train '
+                         'it first (see the comment on SETTINGS)')
       overrides['compress.pretrained'] = s['pretrained']
     cmd += [f'--config.{k}={v}' for k, v in overrides.items()]
     shown = ' '.join(shlex.quote(a) for a in ['python'] + cmd[1:])
@@ -142,7 +149,7 @@ def main():
     svd_after = pipelines.evaluate_variables(model, state.variables,
                                              dataset)['accuracy']
     row = {
-        'model': model_name, 'command': shown,
+        'model': model_name, 'key': key, 'command': shown,
         'layers': sorted(encoded), 'depth': s['depth'],
         'shared': bool(s.get('share')),
         'dense_params': dense_params, 'adtn_params': adtn_params,
@@ -157,7 +164,7 @@ def main():
         'svd_after_split_acc': svd_before, 'svd_final_acc': svd_after,
         'run_s': time.time() - t0,
     }
-    results[model_name] = row
+    results[key] = row
     print(json.dumps(row), flush=True)
     with open(RESULTS_JSON, 'w') as f:
       json.dump(results, f, indent=1)
