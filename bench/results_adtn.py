@@ -44,8 +44,14 @@ SETTINGS = {
                   share=True,
                   pretrained=os.path.join('runs', 'results', 'vgg16_direct_s0',
                                           'stages', 'baseline'),
+                  # Adam with clipping for the end-to-end training (and
+                  # the SVD side): with VGG's SGD + momentum the shared
+                  # network's 2^19-entry decode diverged to NaN in epoch 1.
                   overrides={'train_subset': 2500, 'test_subset': 2000,
-                             'validation_size': 500, 'eval_batch_size': 500}),
+                             'validation_size': 500, 'eval_batch_size': 500,
+                             'optimizer': 'adam', 'weight_decay': 0.0,
+                             'grad_clip': 1.0,
+                             'finetune.learning_rate': 0.001}),
 }
 
 

@@ -123,8 +123,8 @@ def _lapack_syevd_target(dtype_name: str) -> Optional[str]:
     target = lapack.prepare_lapack_call('syevd_ffi', np.dtype(dtype_name))
     probe = np.array([[3., 1., 0.], [1., 3., 0.], [0., 0., 1.]], dtype_name)
     with jax.ensure_compile_time_eval():
-      got = jax.jit(functools.partial(_syevd_values_call, target),
-                    device=jax.devices('cpu')[0])(probe)
+      probe = jax.device_put(probe, jax.devices('cpu')[0])
+      got = jax.jit(functools.partial(_syevd_values_call, target))(probe)
       got = np.asarray(jax.device_get(got))
     if np.allclose(got, [1., 2., 4.], rtol=1e-5):
       return target
