@@ -181,3 +181,16 @@ def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
   with pytest.raises(training.ConfigError, match=message.replace(
       '(', r'\(').replace('.', r'\.')):
     pipelines.run_musco(config, str(tmp_path))
+
+
+def test_vgg16_adtn_config_trains_through_the_decode_with_adam():
+  from configs import vgg16_adtn  # pylint: disable=g-import-not-at-top
+  config = vgg16_adtn.get_config()
+  pipelines.validate(config)
+  assert config.pipeline == 'adtn' and config.adtn.share
+  # The baseline keeps VGG's SGD; only the stage through the decode switches.
+  assert config.optimizer == 'momentum'
+  stage = pipelines.finetune_config(config)
+  assert (stage.optimizer, stage.learning_rate, stage.grad_clip,
+          stage.weight_decay) == ('adam', 1e-3, 1.0, 0.0)
+  training.make_optimizer(stage, steps_per_epoch=10)   # a valid optax chain
