@@ -63,6 +63,7 @@ def offset(v) -> int:
 
 
 def kernel_shape(v) -> tuple[int, ...]:
+  """The member's kernel shape, read from ``adtn_shape``."""
   return adtn.kernel_shape(v)
 
 
@@ -83,6 +84,7 @@ def group(gates, scale, size: int, nonlin: str, dtype=jnp.float32) -> dict:
 
 
 def group_size(g) -> int:
+  """N, the entries of all members together, read from ``adtn_size``."""
   return int(g['adtn_size'].shape[1])
 
 
@@ -118,6 +120,7 @@ def slice_kernel(flat, v) -> jnp.ndarray:
 
 
 def to_kernel(v):
+  """The member's kernel; ``v`` must carry its group under ``GROUP_KEY``."""
   if GROUP_KEY not in v:
     raise ValueError(
         f'a shared-ADTN member (group {group_name(v)!r}) has no kernel on its '
@@ -146,6 +149,7 @@ def flops(v, spec, in_shape, out_shape):
 
 
 def from_kernel(kernel, ranks, **options):
+  """Not available: members come from ``adtn_encode(..., share=True)``."""
   del kernel, ranks, options
   raise ValueError('shared-ADTN members are made by '
                    'lowrank_jax.adtn_encode(..., share=True), which fits one '
