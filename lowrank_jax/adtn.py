@@ -76,6 +76,11 @@ def _depth_for(depth: Depth, path: str, variables) -> int:
   return _check_depth(depth, path)
 
 
+def _too_small(n: int, min_size: int) -> str:
+  """The skip reason of a kernel below ``min_size`` entries ('' if not)."""
+  return f'kernel has {n} entries < min_size={min_size}' if n < min_size else ''
+
+
 def _check_depth(depth, path: str = '') -> int:
   where = f'layer {path!r}: ' if path else ''
   if isinstance(depth, bool) or not hasattr(depth, '__index__'):
@@ -182,8 +187,9 @@ def adtn_encode(params, *, select=None, depth: Depth,
     if isinstance(depth, Mapping) and path not in depth:
       return 'no depth given for this layer'
     _, n, m, q, after = plan(path, variables)
-    if n < min_size:
-      return f'kernel has {n} entries < min_size={min_size}'
+    small = _too_small(n, min_size)
+    if small:
+      return small
     if after >= n:
       return (f'an ADTN with Q={q}, M={m} has {after} parameters >= the '
               f'kernel\'s {n}')
@@ -240,18 +246,19 @@ def _encode_shared(params, *, select, depth, nonlinearity, steps,
   name = f'g{index}'
   all_layers = tree.layers(bare)
   chosen = tree.select_paths(all_layers, select)
+  sizes = {p: math.prod(transforms._kernel_shape(all_layers[p]))  # pylint: disable=protected-access
+           for p in chosen}
   members, skipped = [], {}
   for path in chosen:
     v = all_layers[path]
-    if forms.identify(v) == shared_form.NAME:
-      skipped[path] = ('already a member of shared group '
-                       f'{shared_form.group_name(v)!r}')
-      continue
-    n = math.prod(transforms._kernel_shape(v))  # pylint: disable=protected-access
-    if n < min_size:
-      skipped[path] = f'kernel has {n} entries < min_size={min_size}'
-      continue
-    members.append(path)
+    reason = (f'already a member of shared group '
+              f'{shared_form.group_name(v)!r}'
+              if forms.identify(v) == shared_form.NAME
+              else _too_small(sizes[path], min_size))
+    if reason:
+      skipped[path] = reason
+    else:
+      members.append(path)
   kernels = {}
   for path in members:
     tree.check_finite(path, all_layers[path])
@@ -296,7 +303,7 @@ def _encode_shared(params, *, select, depth, nonlinearity, steps,
   for path in chosen:
     v = all_layers[path]
     before = forms.identify(v)
-    n = math.prod(transforms._kernel_shape(v))  # pylint: disable=protected-access
+    n = sizes[path]
     if path in new:
       first = path == members[0]
       actions.append(ADTNLayerAction(
@@ -328,8 +335,8 @@ def adtn_unshare(params, *, report: bool = False):
       continue
     g = shared_form.group_name(v)
     if g not in decoded:
-      decoded[g] = shared_form.decode_group(
-          shared_form.find_group(bare, v, path))
+      decoded[g] = shared_form.decode_group(shared_form.find_group(
+          bare.get(shared_form.ROOT, {}), v, path))
     new[path] = {'kernel': shared_form.slice_kernel(decoded[g], v)}
     if 'bias' in v:
       new[path]['bias'] = v['bias']
@@ -373,9 +380,7 @@ def decode_time(params, *, repeats: int = 10,
   for g, v in params.get(shared_form.ROOT, {}).items():
     path = f'{shared_form.ROOT}/{g}'
     layers[path] = v
-    macs[path] = adtn_form.decode_macs(
-        {'adtn_gates': v['adtn_gates'],
-         'adtn_shape': v['adtn_size']})
+    macs[path] = shared_form.decode_macs(v)
 
   def decode_one(path, v):
     if path.startswith(shared_form.ROOT + '/'):

@@ -55,10 +55,10 @@ class _FormLayer(nn.Module):
       # model is applied with; reading them from the root scope makes every
       # member's gradient land on the one shared copy.
       root = self.scope.root
-      top = ({module.ROOT: root.get_variable('params', module.ROOT)}
-             if root.has_variable('params', module.ROOT) else {})
+      groups = (root.get_variable('params', module.ROOT)
+                if root.has_variable('params', module.ROOT) else {})
       variables[module.GROUP_KEY] = module.find_group(
-          top, variables, '/'.join(self.scope.path))
+          groups, variables, '/'.join(self.scope.path))
     y = module.forward(variables, x, spec)
     if 'bias' in variables:
       y = y + variables['bias']

@@ -14,7 +14,8 @@ A form module defines:
 * ``flops(v, spec, in_shape, out_shape)``: multiply-adds for one call.
 * optionally ``refine(v, ranks, **options)``: re-compress a layer already in
   this form without going through the dense kernel (Tucker-2 by its core).
-* optionally ``SHARED = True`` with ``find_group(params, v, path)`` and
+* optionally ``SHARED = True`` with ``ROOT``, ``find_group(params[ROOT], v,
+  path)`` and
   ``GROUP_KEY``: the layer also reads variables shared by several layers
   from the top of the params tree (:mod:`lowrank_jax.forms.adtn_shared`).
 

@@ -209,7 +209,11 @@ def decode_macs(v) -> int:
   ``(Q-1) * 4 * 2^Q`` each; scale: ``N``.
   """
   m, q = ranks(v)
-  n = math.prod(kernel_shape(v))
+  return decode_cost(m, q, math.prod(kernel_shape(v)))
+
+
+def decode_cost(m: int, q: int, n: int) -> int:
+  """Decode multiply-adds of M layers on Q qubits keeping N entries."""
   return 8 * (2 ** (q - 1) - 1) + (m - 1) * (q - 1) * 4 * 2 ** q + n
 
 

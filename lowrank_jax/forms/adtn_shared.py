@@ -88,14 +88,13 @@ def group_size(g) -> int:
   return int(g['adtn_size'].shape[1])
 
 
-def find_group(params: Mapping, v, where: str = '') -> dict:
-  """The group variables of member ``v`` in a bare params tree.
+def find_group(groups: Mapping, v, where: str = '') -> dict:
+  """The group variables of member ``v`` among ``params[ROOT]``.
 
   Raises:
     ValueError: naming the layer and group when the tree lacks the group.
   """
   name = group_name(v)
-  groups = params.get(ROOT, {}) if isinstance(params, Mapping) else {}
   if name not in groups:
     raise ValueError(
         f'layer {where!r} is a member of shared ADTN group {name!r}, but the '
@@ -109,6 +108,12 @@ def decode_group(g) -> jnp.ndarray:
   n = group_size(g)
   state = adtn.contract(g['adtn_gates'], adtn.nonlinearity(g))
   return state[:n] * g['adtn_scale'].astype(state.dtype)
+
+
+def decode_macs(g) -> int:
+  """Multiply-adds of one decode of the group (see adtn.decode_cost)."""
+  m, q = adtn.ranks(g)
+  return adtn.decode_cost(m, q, group_size(g))
 
 
 def slice_kernel(flat, v) -> jnp.ndarray:
