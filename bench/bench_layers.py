@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
+import hostinfo  # noqa: E402
 from lowrank_jax import forms  # noqa: E402
 from lowrank_jax import models  # noqa: E402
 from lowrank_jax import speed  # noqa: E402
@@ -48,14 +49,7 @@ DOC = os.path.join(os.path.dirname(__file__), '..', 'docs',
 
 def machine() -> str:
   """One line naming the CPU, core count, JAX version and backend."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = re.findall(r'^model name\s*:\s*(.*)$', f.read(), re.M)
-    if names:
-      cpu = names[0].strip()
-  except OSError:
-    pass
+  cpu = hostinfo.cpu_name() or platform.processor() or platform.machine()
   devices = jax.devices()
   return (f'{cpu}, nproc {os.cpu_count()}, jax {jax.__version__}, '
           f'backend {jax.default_backend()} ({devices[0].device_kind}), '

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import fc2 as fc2_config  # noqa: E402
 from configs import lenet5 as lenet5_config  # noqa: E402
 from configs import resnet20 as resnet20_config  # noqa: E402
+import hostinfo  # noqa: E402
 from lowrank_jax import data  # noqa: E402
 from lowrank_jax import models  # noqa: E402
 from lowrank_jax import training  # noqa: E402
@@ -182,15 +183,7 @@ def step_pairs(model, config, dataset, pairs):
 
 
 def machine() -> dict:
-  cpu = platform.processor() or '?'
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
+  cpu = hostinfo.cpu_name() or platform.processor() or '?'
   return {
       'cpu': cpu, 'nproc': os.cpu_count(),
       'affinity': len(os.sched_getaffinity(0)),

@@ -38,6 +38,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import hostinfo  # pylint: disable=g-import-not-at-top
+from lowrank_jax import tree  # pylint: disable=g-import-not-at-top
 from lowrank_jax import vbmf  # pylint: disable=g-import-not-at-top
 
 
@@ -125,14 +127,9 @@ def build_params(seed=0):
 
 
 def reference_ranks(reference, params):
-  out = {}
-  for block, node in params.items():
-    layers = node.items() if 'kernel' not in node else [(None, node)]
-    for name, layer in layers:
-      path = block if name is None else f'{block}/{name}'
-      kernel = np.asarray(layer['kernel'])
-      out[path] = tuple(reference(m)[0] for m in unfoldings(kernel))
-  return out
+  return {path: tuple(reference(m)[0]
+                      for m in unfoldings(np.asarray(layer['kernel'])))
+          for path, layer in tree.layers(params).items()}
 
 
 def timed(fn, repeats):
@@ -149,12 +146,9 @@ def floor_time(params, repeats):
   all cores) + ``np.linalg.eigvalsh`` (LAPACK ``?syevd``, eigenvalues only)
   of every matrix, looped; no EVBMF search. A floor for any method that
   needs the whole spectrum of every matrix in float32."""
-  mats = []
-  for node in params.values():
-    layers = [node] if 'kernel' in node else list(node.values())
-    for layer in layers:
-      for m in unfoldings(np.asarray(layer['kernel'])):
-        mats.append(m if m.shape[0] <= m.shape[1] else m.T)
+  mats = [m if m.shape[0] <= m.shape[1] else m.T
+          for layer in tree.layers(params).values()
+          for m in unfoldings(np.asarray(layer['kernel']))]
 
   def run():
     for m in mats:
@@ -175,15 +169,7 @@ def padded_estimate(n_matrices=70):
 
 
 def machine() -> dict:
-  cpu = 'unknown'
-  try:
-    with open('/proc/cpuinfo') as fh:
-      for line in fh:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
+  cpu = hostinfo.cpu_name() or 'unknown'
   try:
     nproc = subprocess.run(['nproc'], capture_output=True, text=True,
                            check=True).stdout.strip()

@@ -36,12 +36,12 @@ SETTINGS = {
                           pretrained=os.path.join('runs', 'adtn',
                                                   'lenet5_adtn_s0', 'stages',
                                                   'baseline')),
-    # VGG-16's 512-512 classifier, from the baseline that bench/results.py
+    # The paper's headline case: VGG-16's 512-512 classifier, ONE network
+    # for both linear layers, from the baseline that bench/results.py
     # trained for the vgg16 rows (same subsets; training VGG-16 again would
     # not fit the CPU budget).
-    # The paper's headline case: ONE network for both linear layers.
     'vgg16': dict(select='fc1|fc2', num_epochs=3, train_epochs=2, depth=4,
-                  share=True,
+                  share=True, train_lr=0.001,
                   pretrained=os.path.join('runs', 'results', 'vgg16_direct_s0',
                                           'stages', 'baseline'),
                   # Adam with clipping for the end-to-end training (and
@@ -50,8 +50,7 @@ SETTINGS = {
                   overrides={'train_subset': 2500, 'test_subset': 2000,
                              'validation_size': 500, 'eval_batch_size': 500,
                              'optimizer': 'adam', 'weight_decay': 0.0,
-                             'grad_clip': 1.0,
-                             'finetune.learning_rate': 0.001}),
+                             'grad_clip': 1.0}),
 }
 
 
@@ -86,15 +85,14 @@ def main():
     s = SETTINGS[key]
     model_name = s.get('model', key)
     workdir = os.path.join(args.root, f'{key}_adtn_s{args.seed}')
-    cmd = [sys.executable, 'train.py', f'--config=configs/{model_name}.py',
-           f'--workdir={workdir}', '--config.pipeline=adtn',
-           f'--config.seed={args.seed}', f'--config.num_epochs={s["num_epochs"]}',
-           f'--config.adtn.select={s["select"]}',
-           f'--config.adtn.depth={s["depth"]}',
-           f'--config.finetune.num_epochs={s["train_epochs"]}',
-           '--config.finetune.learning_rate=0.003',
-           '--config.progress=False', '--config.checkpoint_every_steps=0']
-    overrides = dict(s.get('overrides', {}))
+    # One set of config fields for the run and for the SVD comparison.
+    overrides = {'pipeline': 'adtn', 'seed': args.seed,
+                 'num_epochs': s['num_epochs'], 'adtn.select': s['select'],
+                 'adtn.depth': s['depth'],
+                 'finetune.num_epochs': s['train_epochs'],
+                 'finetune.learning_rate': s.get('train_lr', 0.003),
+                 'progress': False, 'checkpoint_every_steps': 0,
+                 **s.get('overrides', {})}
     if s.get('share'):
       overrides['adtn.share'] = True
     if s.get('pretrained'):
@@ -102,7 +100,9 @@ def main():
         raise SystemExit(f'{key}: no baseline at {s["pretrained"]}; train '
                          'it first (see the comment on SETTINGS)')
       overrides['compress.pretrained'] = s['pretrained']
-    cmd += [f'--config.{k}={v}' for k, v in overrides.items()]
+    cmd = [sys.executable, 'train.py', f'--config=configs/{model_name}.py',
+           f'--workdir={workdir}'] + [f'--config.{k}={v}'
+                                      for k, v in overrides.items()]
     shown = ' '.join(shlex.quote(a) for a in ['python'] + cmd[1:])
     print('$', shown, flush=True)
     t0 = time.time()
@@ -120,12 +120,6 @@ def main():
 
     # SVD at the same budget, same baseline, same fine-tuning.
     config = importlib.import_module(f'configs.{model_name}').get_config()
-    config.seed = args.seed
-    config.num_epochs = s['num_epochs']
-    config.finetune.num_epochs = s['train_epochs']
-    config.finetune.learning_rate = 0.003
-    config.progress = False
-    config.checkpoint_every_steps = 0
     apply_overrides(config, overrides)
     base = training.load_variables(os.path.join(workdir, 'stages',
                                                 'baseline'))

@@ -14,6 +14,10 @@ import platform
 import statistics
 import subprocess
 
+import hostinfo
+import results as results_settings
+import results_adtn as adtn_settings
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, 'docs')
 
@@ -35,13 +39,7 @@ def _ratio(values):
 
 
 def machine() -> str:
-  cpu = ''
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f
-                 if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = hostinfo.cpu_name()
   import jax
   return (f'{cpu or platform.processor()}, {os.cpu_count()} cores, '
           f'{platform.system()} {platform.machine()}, Python '
@@ -49,8 +47,10 @@ def machine() -> str:
           f'({jax.default_backend()})')
 
 
-def _mean(xs):
-  return sum(xs) / len(xs) if xs else float('nan')
+def _schedule(s):
+  """'3 epochs on 2,500 images' from a bench/results.py setting."""
+  images = f'{s["train_subset"]:,}' if s['train_subset'] else 'all'
+  return f'{s["num_epochs"]} epochs on {images} images'
 
 
 def _verdict(rows, models):
@@ -65,22 +65,25 @@ def _verdict(rows, models):
          if r['model'] == m and r['pipeline'] == 'he2024']
     if d and h:
       n = len({r['seed'] for r in rows.values() if r['model'] == m})
-      parts.append(f'{m} {100 * (_mean(h) - _mean(d)):+.2f} '
+      gain = 100 * (statistics.mean(h) - statistics.mean(d))
+      parts.append(f'{m} {gain:+.2f} '
                    f'({n} seed{"s" if n > 1 else ""})')
   lines[-1] += '; '.join(parts) + '.'
   vgg = [r for r in rows.values() if r['model'] == 'vgg16'
          and r['pipeline'] in ('direct', 'he2024', 'musco')]
-  if vgg:
-    base = _mean([r['trained_acc'] for r in vgg
-                  if r['pipeline'] == 'direct'])
+  base = [r['trained_acc'] for r in vgg if r['pipeline'] == 'direct']
+  if base:
+    base = statistics.mean(base)
+    s = results_settings.SETTINGS['vgg16']
     best = max(vgg, key=lambda r: (r['flops_ratio'] >= 4, r['final_acc']))
     lines += ['', f'**Goal: VGG-16 at ≥ 4× fewer FLOPs within 0.5 points of '
               f'the baseline.** Not met on the CPU schedule: the best run at '
               f'≥ 4× ({best["pipeline"]}, {best["flops_ratio"]:.2f}×) ends at '
               f'{100 * best["final_acc"]:.2f}% against a baseline of '
-              f'{100 * base:.2f}%, and that baseline (3 epochs on 2,500 '
-              'images) is itself far from trained; with one fine-tuning epoch '
-              'the compressed network cannot recover. The longer schedule '
+              f'{100 * base:.2f}%, and that baseline ({_schedule(s)}) is '
+              'itself far from trained; with '
+              f'{s["finetune_epochs"]} fine-tuning epoch(s) the compressed '
+              'network cannot recover. The longer schedule '
               'this goal needs waits for a session with a GPU.']
   small = [r for r in rows.values() if r['params'] < 100_000]
   if small:
@@ -90,10 +93,12 @@ def _verdict(rows, models):
               f'{top["model"]}/{top["pipeline"]} with {top["params"]:,} '
               f'parameters at {100 * top["final_acc"]:.2f}%.']
   total = sum(r['run_s'] for r in rows.values())
+  first_seed = {m: sum(r['run_s'] for r in rows.values()
+                       if r['model'] == m and r['seed'] == 0) for m in models}
   lines += ['', f'CPU time of all runs in this table: {total / 60:.0f} min '
             f'({len(rows)} runs; one seed of each model: '
-            + ', '.join(f'{m} {sum(r["run_s"] for r in rows.values() if r["model"] == m and r["seed"] == 0) / 60:.0f} min'
-                        for m in models) + ').']
+            + ', '.join(f'{m} {t / 60:.0f} min' for m, t in first_seed.items())
+            + ').']
   return lines
 
 
@@ -191,13 +196,18 @@ def main():
           f'{r["model_params_before"]:,} → {r["model_params_after"]:,} |')
     if 'vgg16' in adtn:
       r = adtn['vgg16']
+      s = adtn_settings.SETTINGS['vgg16']
+      o = s['overrides']
       out += ['', f'VGG-16, the paper\'s headline case (two linear layers, '
               f'{r["dense_params"]:,} weights, one network of '
               f'{r["adtn_params"]:,} parameters): the CPU run does *not* '
-              f'reproduce "accuracy up, not down". From the {_pct([r["baseline_acc"]])}% '
-              f'baseline of the table above (3 epochs on 2,500 images), two '
-              f'epochs of end-to-end training (Adam 1e-3, clip 1; VGG\'s SGD '
-              f'with momentum diverged to NaN) reach {_pct([r["adtn_final_acc"]])}%, '
+              f'reproduce "accuracy up, not down". From the '
+              f'{_pct([r["baseline_acc"]])}% baseline of the table above '
+              f'({_schedule(results_settings.SETTINGS["vgg16"])}), '
+              f'{s["train_epochs"]} epochs of end-to-end training '
+              f'({o["optimizer"]} {s["train_lr"]:g}, clip {o["grad_clip"]:g}; '
+              f'VGG\'s SGD with momentum diverged to NaN) reach '
+              f'{_pct([r["adtn_final_acc"]])}%, '
               + ('ahead of' if r['adtn_final_acc'] > r['svd_final_acc']
                  else 'not ahead of') +
               f' SVD at rank {max(r["svd_ranks"].values())} with more parameters '
