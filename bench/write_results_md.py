@@ -49,7 +49,7 @@ def machine() -> str:
 
 def _schedule(s):
   """'3 epochs on 2,500 images' from a bench/results.py setting."""
-  images = f'{s["train_subset"]:,}' if s['train_subset'] else 'all'
+  images = f'{s["train_subset"]:,}' if s['train_subset'] else 'all training'
   return f'{s["num_epochs"]} epochs on {images} images'
 
 
@@ -120,9 +120,12 @@ def main():
          'the CPU schedules were run.', '',
          '**CPU budget.** The whole table must run within 90 minutes on 2 '
          'cores, so epochs are few and ResNet-20 / VGG-16 train on subsets '
-         '(settings in `bench/results.py`: LeNet-5 8 epochs on all 55,000 '
-         'training images; ResNet-20 4 epochs on 12,000; VGG-16 3 epochs on '
-         '2,500, tested on 2,000 test images). These are far from '
+         '(settings in `bench/results.py`: ' + '; '.join(
+             f'{m} {_schedule(s)}' + (f', tested on {s["test_subset"]:,} '
+                                      'test images' if s.get('test_subset')
+                                      else '')
+             for m, s in results_settings.SETTINGS.items()) +
+         '). These are far from '
          'converged baselines: the accuracy *differences* between pipelines '
          'at a matched ratio are the point, not the absolute numbers.', '',
          '## Direct vs He et al. 2024 vs MUSCO', '',
