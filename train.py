@@ -13,6 +13,7 @@ pipelines from ``lowrank_jax.pipelines.PIPELINES`` when that module exists.
 import importlib
 import json
 import os
+import sys
 from typing import Callable
 
 import jax
@@ -55,6 +56,10 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   config, workdir = _CONFIG.value, _WORKDIR.value
+  # config.model='package.module:factory' imports from where the command
+  # runs, as `python -m` would.
+  if os.getcwd() not in sys.path:
+    sys.path.insert(1, os.getcwd())
   training.maybe_initialize_distributed(config)
   pipelines = get_pipelines()
   if config.pipeline not in pipelines:

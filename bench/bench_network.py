@@ -1,7 +1,7 @@
 """Network benchmark: inference throughput of baseline vs compressed models.
 
 For each model (random-init weights: timing does not depend on the values),
-measures jitted ``model.apply(variables, x, train=False)`` on a batch of
+measures jitted ``lj.apply(model, variables, x, train=False)`` on a batch of
 32x32x3 images (median of repeats, compile excluded) for
 
 * ``baseline``: every layer dense;
@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import bench_layers  # noqa: E402
+import lowrank_jax as lj  # noqa: E402
 from lowrank_jax import count_flops  # noqa: E402
 from lowrank_jax import models  # noqa: E402
 from lowrank_jax import speed  # noqa: E402
@@ -75,7 +76,7 @@ def bench_model(name, args):
   never_slower_s = time.perf_counter() - start
   variants = {'baseline': variables, 'compressed': compressed,
               'never_slower': merged}
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  apply = jax.jit(lambda v, x: lj.apply(model, v, x, train=False))
   fns = [apply] * len(variants)
   measured = speed.time_calls(fns, [(v, x) for v in variants.values()],
                               repeats=args.repeats, min_time_s=args.min_time)

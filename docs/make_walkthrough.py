@@ -49,7 +49,7 @@ def fit(variables, steps, penalty_weight=0.0, lr=1e-3):
   @jax.jit
   def step(params, opt, x, y):
     def loss_fn(p):
-      logits = model.apply({'params': p}, x)
+      logits = lj.apply(model, {'params': p}, x)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return ce + penalty_weight * lj.orthogonal_penalty(p), ce
     (loss, ce), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -65,7 +65,7 @@ def accuracy(variables):
   correct = 0
   for x, y in data.iterate_batches(ds.test, 500, mean=ds.mean, std=ds.std,
                                    drop_remainder=False):
-    correct += int((model.apply(variables, x).argmax(-1) == y).sum())
+    correct += int((lj.apply(model, variables, x).argmax(-1) == y).sum())
   return correct / len(ds.test.labels)
 
 baseline = fit(variables, STEPS)
@@ -76,7 +76,7 @@ print('baseline accuracy', accuracy(baseline))"""),
 is exactly the kernel, so the function is unchanged at that moment."""),
     ('code', """over = lj.overparameterize(variables, expansion=1.5, select=['conv.*', 'fc.*'])
 x = jnp.asarray(next(data.iterate_batches(ds.test, 8, mean=ds.mean, std=ds.std))[0])
-print('same function:', float(jnp.max(jnp.abs(model.apply(over, x) - model.apply(variables, x)))))
+print('same function:', float(jnp.max(jnp.abs(lj.apply(model, over, x) - lj.apply(model, variables, x)))))
 print('forms:', lj.layer_forms(over))
 print('penalty at the transform:', float(lj.orthogonal_penalty(over)))
 over = fit(over, STEPS, penalty_weight=1e-2)

@@ -175,7 +175,7 @@ def adtn_encode(params, *, select=None, depth: Depth,
   index = {}
 
   def plan(path, variables):
-    shape = transforms._kernel_shape(variables)  # pylint: disable=protected-access
+    shape = tree.kernel_shape(variables)
     n = math.prod(shape)
     m = _depth_for(depth, path, variables)
     q = adtn_form.num_qubits(n)
@@ -220,7 +220,7 @@ def adtn_encode(params, *, select=None, depth: Depth,
   for a in actions:
     err, n, after = results.get(a.path, (float('nan'), 0, 0))
     if a.action == 'skipped':
-      n = after = math.prod(transforms._kernel_shape(old_layers[a.path]))  # pylint: disable=protected-access
+      n = after = math.prod(tree.kernel_shape(old_layers[a.path]))
     out.append(ADTNLayerAction(*a, rel_error=err, params_before=n,
                                params_after=after))
   return new, out
@@ -246,7 +246,7 @@ def _encode_shared(params, *, select, depth, nonlinearity, steps,
   name = f'g{index}'
   all_layers = tree.layers(bare)
   chosen = tree.select_paths(all_layers, select)
-  sizes = {p: math.prod(transforms._kernel_shape(all_layers[p]))  # pylint: disable=protected-access
+  sizes = {p: math.prod(tree.kernel_shape(all_layers[p]))
            for p in chosen}
   members, skipped = [], {}
   for path in chosen:

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple
 
-import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import runner
 from lowrank_jax import forms
+from lowrank_jax import nnx_surgery
 from lowrank_jax import tree
-from lowrank_jax.layers import _FormLayer
 
 
 def count_params(params, *, per_layer: bool = False):
   """Number of parameters (the ``params`` collection only).
 
   Args:
-    params: variables dict or bare params tree.
-    per_layer: return ``{layer path: count}`` (project layers only) instead.
+    params: variables dict, bare params tree or ``nnx.Module``.
+    per_layer: return ``{layer path: count}`` (conv / dense layers only).
 
   Returns:
     An int, or a dict of ints.
@@ -40,56 +41,74 @@ class LayerFlops(NamedTuple):
 
 
 class FlopsReport(NamedTuple):
-  """Multiply-adds of every project conv and dense layer, and their total."""
+  """Multiply-adds of every conv and dense layer, and their total."""
   total: int
   per_layer: dict[str, LayerFlops]
 
 
-class LayerCall(NamedTuple):
-  """One project layer's call: its spec and activation shapes."""
-  spec: forms.LayerSpec
-  in_shape: tuple[int, ...]
-  out_shape: tuple[int, ...]
+LayerCall = runner.LayerCall
 
 
-def layer_calls(model: nn.Module, variables, input_shape: Sequence[int], *,
-                dtype=jnp.float32) -> dict[str, LayerCall]:
-  """The spec and activation shapes of every project layer's call.
+def _model_args(model, args):
+  """``(variables, input_shape)`` from a count or timing call's arguments.
 
-  Traced with ``jax.eval_shape`` (nothing is computed); ``variables`` may hold
-  arrays or ``jax.ShapeDtypeStruct`` leaves.
+  Linen: ``(model, variables, input_shape)``; NNX: ``(module, input_shape)``.
+  """
+  if isinstance(model, nnx.Module):
+    if len(args) != 1:
+      raise TypeError('for an NNX module pass (module, input_shape): the '
+                      'module holds its own variables')
+    return None, tuple(args[0])
+  if len(args) != 2:
+    raise TypeError('for a linen model pass (model, variables, input_shape)')
+  return args[0], tuple(args[1])
+
+
+def layer_calls(model, *args, dtype=jnp.float32,
+                **apply_kwargs) -> dict[str, LayerCall]:
+  """The spec and activation shapes of every conv and dense layer's call.
+
+  Traced with ``jax.eval_shape`` (nothing is computed). Every ``nn.Conv`` /
+  ``nn.Dense`` / ``nnx.Conv`` / ``nnx.Linear`` is seen, in whatever form its
+  variables are. ``variables`` may hold arrays or ``jax.ShapeDtypeStruct``
+  leaves.
 
   Args:
-    model: the Flax model.
-    variables: its variables (any forms).
-    input_shape: e.g. ``(1, 32, 32, 3)``.
+    model: a linen model, then ``variables, input_shape``; or an NNX
+      module, then ``input_shape``.
+    *args: as above.
     dtype: input dtype.
+    **apply_kwargs: passed to the call (e.g. ``train=False``).
 
   Returns:
     ``{layer path: LayerCall}`` in call order.
+
+  Raises:
+    ValueError: the model has no conv or dense layer that can be counted.
   """
-  calls = {}
+  variables, input_shape = _model_args(model, args)
+  x = jax.ShapeDtypeStruct(input_shape, dtype)
+  if isinstance(model, nnx.Module):
+    calls = nnx_surgery.trace_calls(model, x, **apply_kwargs)
+  else:
+    if not isinstance(variables, Mapping) or 'params' not in variables:
+      variables = {'params': variables}
 
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if isinstance(module, _FormLayer) and context.method_name == '__call__':
-      calls['/'.join(module.scope.path)] = LayerCall(
-          _spec(module), tuple(args[0].shape), tuple(out.shape))
-    return out
+    def run(variables, x):
+      return runner.apply(model, variables, x, **apply_kwargs)
 
-  def run(variables, x):
-    with nn.intercept_methods(interceptor):
-      return model.apply(variables, x, train=False)
-
-  # Variables go in as arguments, so arrays and ShapeDtypeStructs both work.
-  jax.eval_shape(run, variables, jax.ShapeDtypeStruct(tuple(input_shape),
-                                                      dtype))
+    with runner.record_calls() as calls:
+      jax.eval_shape(run, variables, x)
+    calls = dict(calls)
+  if not calls:
+    raise ValueError(
+        f'{type(model).__name__} has no nn.Conv / nn.Dense (nnx.Conv / '
+        'nnx.Linear) layer that was called: nothing to count')
   return calls
 
 
-def count_flops(model: nn.Module, variables, input_shape: Sequence[int], *,
-                dtype=jnp.float32) -> FlopsReport:
+def count_flops(model, *args, dtype=jnp.float32,
+                **apply_kwargs) -> FlopsReport:
   """Multiply-adds of the conv and dense layers for one forward pass.
 
   Shapes are traced with :func:`layer_calls` (nothing is computed); each
@@ -98,29 +117,26 @@ def count_flops(model: nn.Module, variables, input_shape: Sequence[int], *,
   counted.
 
   Args:
-    model: the Flax model.
-    variables: its variables (any forms).
-    input_shape: e.g. ``(1, 32, 32, 3)`` (the batch size multiplies counts).
+    model: a linen model, then ``variables, input_shape``
+      (``count_flops(model, variables, (1, 32, 32, 3))``); or an NNX module,
+      then ``input_shape`` (``count_flops(module, (1, 32, 32, 3))``).
+    *args: as above; variables may be a variables dict or a params tree.
     dtype: input dtype.
+    **apply_kwargs: passed to the model's call (e.g. ``train=False``).
 
   Returns:
-    A :class:`FlopsReport`.
+    A :class:`FlopsReport` (the batch size multiplies counts).
   """
+  calls = layer_calls(model, *args, dtype=dtype, **apply_kwargs)
+  variables = model if isinstance(model, nnx.Module) else args[0]
   params, _ = tree.split_variables(variables)
   all_layers = tree.layers(params)
   records = {}
-  for path, call in layer_calls(model, variables, input_shape,
-                                dtype=dtype).items():
-    v = {k: x for k, x in all_layers[path].items()}
+  for path, call in calls.items():
+    v = all_layers[path]
     form = forms.identify(v)
     macs = forms.get(form).flops(v, call.spec, call.in_shape, call.out_shape)
     records[path] = LayerFlops(form, call.in_shape, call.out_shape, int(macs))
   return FlopsReport(sum(r.macs for r in records.values()), records)
 
 
-def _spec(module) -> forms.LayerSpec:
-  if hasattr(module, 'kernel_size'):
-    return forms.LayerSpec('conv', tuple(module.strides), module.padding,
-                           tuple(module.kernel_dilation),
-                           module.feature_group_count)
-  return forms.base.DENSE

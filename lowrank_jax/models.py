@@ -1,9 +1,11 @@
 """The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style).
 
-Every conv and dense layer is a :mod:`lowrank_jax.layers` layer, so a params
-tree rewritten by any transform runs through the same model object. All
-models take NHWC float inputs of 28x28x1 (MNIST-like) or 32x32x3 (CIFAR-like)
-and are applied as ``model.apply(variables, x, train=False)``; with
+Plain linen: every conv and dense layer is an ``nn.Conv`` / ``nn.Dense``, so
+these are models like any user's, and a params tree rewritten by any
+transform runs through :func:`lowrank_jax.apply` with the same model object.
+All models take NHWC float inputs of 28x28x1 (MNIST-like) or 32x32x3
+(CIFAR-like) and are applied as ``lj.apply(model, variables, x,
+train=False)``; with
 ``train=True`` BatchNorm uses batch statistics and needs
 ``mutable=['batch_stats']``.
 
@@ -15,12 +17,13 @@ Layer paths (used by selection rules) are readable: ``conv1``,
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax.numpy as jnp
-
-from lowrank_jax.layers import Conv, Dense
 
 ModuleDef = Any
 
@@ -35,8 +38,8 @@ class FC2(nn.Module):
   def __call__(self, x, train: bool = False):
     del train
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(Dense(self.hidden, dtype=self.dtype, name='fc1')(x))
-    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class LeNet5(nn.Module):
@@ -51,16 +54,16 @@ class LeNet5(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
-    x = nn.relu(Conv(6, (5, 5), padding=((2, 2), (2, 2)), dtype=self.dtype,
+    x = nn.relu(nn.Conv(6, (5, 5), padding=((2, 2), (2, 2)), dtype=self.dtype,
                      name='conv1')(x))
     x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(Conv(16, (5, 5), padding='VALID', dtype=self.dtype,
+    x = nn.relu(nn.Conv(16, (5, 5), padding='VALID', dtype=self.dtype,
                      name='conv2')(x))
     x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(Dense(120, dtype=self.dtype, name='fc1')(x))
-    x = nn.relu(Dense(84, dtype=self.dtype, name='fc2')(x))
-    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    x = nn.relu(nn.Dense(120, dtype=self.dtype, name='fc1')(x))
+    x = nn.relu(nn.Dense(84, dtype=self.dtype, name='fc2')(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class BasicBlock(nn.Module):
@@ -72,7 +75,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
     y = conv(self.features, (3, 3), (self.strides, self.strides),
              name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
@@ -96,7 +99,7 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    x = Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype,
+    x = nn.Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype,
              name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x))
     for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
@@ -105,7 +108,7 @@ class ResNet(nn.Module):
         x = BasicBlock(width, strides, norm=norm, dtype=self.dtype,
                        name=f'stage{i + 1}_block{j}')(x)
     x = jnp.mean(x, axis=(1, 2))
-    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 _VGG16 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M',
@@ -133,15 +136,15 @@ class VGG16(nn.Module):
         x = nn.max_pool(x, (2, 2), (2, 2), padding='SAME')
         block, index = block + 1, 1
         continue
-      x = Conv(v, (3, 3), use_bias=False, dtype=self.dtype,
+      x = nn.Conv(v, (3, 3), use_bias=False, dtype=self.dtype,
                name=f'conv{block}_{index}')(x)
       x = nn.relu(norm(name=f'bn{block}_{index}')(x))
       index += 1
     x = x.reshape(x.shape[0], -1)
     for k in (1, 2):
-      x = nn.relu(Dense(512, dtype=self.dtype, name=f'fc{k}')(x))
+      x = nn.relu(nn.Dense(512, dtype=self.dtype, name=f'fc{k}')(x))
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -156,10 +159,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def get_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
-  """Creates a model by name.
+  """Creates a model by name, or by a user's factory.
 
   Args:
-    name: one of ``MODELS`` (fc2, lenet5, resnet20, resnet18, vgg16).
+    name: one of ``MODELS`` (fc2, lenet5, resnet20, resnet18, vgg16), or
+      ``'package.module:factory'``: a callable returning a ``flax.linen``
+      module whose ``__call__(x, train=...)`` returns logits (given
+      ``num_classes=`` when its signature takes it).
     num_classes: size of the output layer.
     **kwargs: further model attributes (e.g. ``dtype=jnp.bfloat16``).
 
@@ -167,9 +173,37 @@ def get_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
     An unbound Flax module; ``model.init(key, x, train=False)`` makes its
     variables.
   """
+  if ':' in name:
+    return _from_factory(name, num_classes=num_classes, **kwargs)
   if name not in MODELS:
-    raise ValueError(f'unknown model {name!r}; known: {sorted(MODELS)}')
+    raise ValueError(f'unknown model {name!r}; known: {sorted(MODELS)}, or '
+                     "'package.module:factory'")
   return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def _from_factory(spec: str, **kwargs) -> nn.Module:
+  module_name, _, attr = spec.partition(':')
+  try:
+    factory = getattr(importlib.import_module(module_name), attr)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f'model {spec!r}: cannot import {attr!r} from '
+                     f'{module_name!r} ({type(e).__name__}: {e}); is the '
+                     'module on PYTHONPATH?') from e
+  if not callable(factory):
+    raise ValueError(f'model {spec!r}: {attr!r} is not callable')
+  params = inspect.signature(factory).parameters
+  takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+  kwargs = {k: v for k, v in kwargs.items() if takes_any or k in params}
+  model = factory(**kwargs)
+  if isinstance(model, nnx.Module):
+    raise ValueError(
+        f'model {spec!r} returned an NNX module; the jobs train linen '
+        'models (the library transforms NNX modules directly: '
+        'lj.tucker2_split(module, ranks) returns a new module)')
+  if not isinstance(model, nn.Module):
+    raise ValueError(f'model {spec!r} returned {type(model).__name__}, not '
+                     'a flax.linen Module')
+  return model
 
 
 def uses_dropout(model: nn.Module) -> bool:

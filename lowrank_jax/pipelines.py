@@ -146,28 +146,10 @@ def _exact(path: str) -> str:
 
 def compress(variables, ranks: Mapping[str, tuple[int, ...]], *,
              conv_form: str = 'tucker2', hooi_iters: int = 0):
-  """Splits layers at the given ranks: k x k convs by Tucker-2 (or CP), the
-  rest by SVD. Layers already in Tucker-2 form are re-compressed by their
-  cores (MUSCO)."""
-  params, _ = tree.split_variables(variables)
-  layers = tree.layers(params)
-  kxk = {p: r for p, r in ranks.items() if len(r) == 2 or (
-      conv_form == 'cp' and _is_kxk(layers[p]))}
-  rest = {p: r for p, r in ranks.items() if p not in kxk}
-  if kxk:
-    if conv_form == 'cp':
-      variables = transforms.cp_split(variables, kxk)
-    else:
-      variables = transforms.tucker2_split(variables, kxk,
-                                           hooi_iters=hooi_iters)
-  if rest:
-    variables = transforms.svd_split(variables, rest)
-  return variables
-
-
-def _is_kxk(variables) -> bool:
-  shape = jax.eval_shape(forms.to_kernel, variables).shape
-  return len(shape) == 4 and shape[0] * shape[1] > 1
+  """Splits layers at the ranks the pipeline chose (already checked to
+  shrink): :func:`lowrank_jax.transforms.decompose`."""
+  return transforms.decompose(variables, ranks, conv_form=conv_form,
+                              hooi_iters=hooi_iters, keep_larger=True)
 
 
 def evaluate_variables(model, variables, dataset: data_lib.Dataset, *,
@@ -297,7 +279,8 @@ class _Job:
     return variables
 
   def measure(self, variables) -> dict:
-    flops = counting.count_flops(self.model, variables, self.input_shape)
+    flops = counting.count_flops(self.model, variables, self.input_shape,
+                                 train=False)
     return {'params': counting.count_params(variables),
             'flops': flops.total,
             'test': evaluate_variables(self.model, variables, self.dataset),

@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from typing import Mapping, NamedTuple, Sequence
 
-import jax
-import numpy as np
 
 from lowrank_jax import counting
 from lowrank_jax import forms
@@ -63,22 +61,22 @@ def layer_geometry(model, variables, input_shape: Sequence[int]
     input_shape: e.g. (1, 28, 28, 1).
   """
   params, _ = tree.split_variables(variables)
-  flops = counting.count_flops(model, variables, (1,) + tuple(input_shape[1:]))
+  flops = counting.count_flops(model, variables,
+                               (1,) + tuple(input_shape[1:]), train=False)
   counts = counting.count_params(params, per_layer=True)
   out = {}
   for path, v in tree.layers(params).items():
     if path not in flops.per_layer:
       continue  # A layer the forward pass never calls.
     record = flops.per_layer[path]
-    kernel = jax.eval_shape(forms.to_kernel, v)
-    shape = tuple(kernel.shape)
-    if len(shape) == 2:
-      kind = 'dense'
-    else:
-      kind = '1x1' if shape[0] * shape[1] == 1 else 'kxk'
-    out[path] = LayerGeometry(path, kind, shape, record.in_shape,
-                              record.out_shape, record.form, counts[path],
-                              record.macs, int(np.size(v.get('bias', ()))))
+    kind = tree.kernel_kind(v)
+    if kind == 'other':
+      continue  # A 1-D / 3-D conv: no form splits it.
+    bias = v.get('bias')
+    out[path] = LayerGeometry(path, kind, tree.kernel_shape(v),
+                              record.in_shape, record.out_shape, record.form,
+                              counts[path], record.macs,
+                              0 if bias is None else math.prod(bias.shape))
   return out
 
 
@@ -97,20 +95,9 @@ def split_form(kind: str, conv_form: str = 'tucker2') -> str:
 def split_cost(geom: LayerGeometry, ranks: Sequence[int], *,
                conv_form: str = 'tucker2') -> tuple[int, int]:
   """(params, multiply-adds) of the layer split at ``ranks`` (bias kept)."""
-  sds = lambda *s: jax.ShapeDtypeStruct(tuple(int(d) for d in s), np.float32)
-  k = geom.kernel_shape
   form = split_form(geom.kind, conv_form)
-  if form == 'tucker2':
-    r_in, r_out = ranks
-    v = {'u_in': sds(k[2], r_in), 'core': sds(k[0], k[1], r_in, r_out),
-         'u_out': sds(r_out, k[3])}
-  elif form == 'cp':
-    (r,) = ranks[:1]
-    v = {'cp_in': sds(k[2], r), 'cp_h': sds(k[0], r), 'cp_w': sds(k[1], r),
-         'cp_out': sds(r, k[3])}
-  else:
-    (r,) = ranks[:1]
-    v = {'u': sds(*k[:-1], r), 'v': sds(r, k[-1])}
+  v = forms.stand_in(form, geom.kernel_shape,
+                     ranks if form == 'tucker2' else ranks[:1])
   params = sum(x.size for x in v.values()) + geom.bias
   macs = forms.get(form).flops(v, None, geom.in_shape, geom.out_shape)
   return int(params), int(macs)

@@ -27,7 +27,7 @@ import re
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,30 +179,9 @@ def split_macs(form: str, kernel_shape: Sequence[int], ranks: Sequence[int],
 
   Uses the form's own ``flops`` on zero-size stand-ins (nothing computed).
   """
-  v = _stand_in(form, tuple(kernel_shape), tuple(ranks))
+  v = forms.stand_in(form, tuple(kernel_shape), tuple(ranks))
   return int(forms.get(form).flops(v, spec, tuple(in_shape),
                                    tuple(out_shape)))
-
-
-def _stand_in(form, kernel_shape, ranks):
-  """ShapeDtypeStructs of a layer's variables (for flops and eval_shape)."""
-  s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  if form == 'dense':
-    return {'kernel': s(*kernel_shape)}
-  if form == 'tucker2':
-    kh, kw, c_in, c_out = kernel_shape
-    r_in, r_out = ranks
-    return {'u_in': s(c_in, r_in), 'core': s(kh, kw, r_in, r_out),
-            'u_out': s(r_out, c_out)}
-  if form == 'svd':
-    (r,) = ranks
-    return {'u': s(*kernel_shape[:-1], r), 'v': s(r, kernel_shape[-1])}
-  if form == 'cp':
-    kh, kw, c_in, c_out = kernel_shape
-    (r,) = ranks
-    return {'cp_in': s(c_in, r), 'cp_h': s(kh, r), 'cp_w': s(kw, r),
-            'cp_out': s(r, c_out)}
-  raise ValueError(f'no stand-in for form {form!r}')
 
 
 def rank_for_flop_ratio(form: str, kernel_shape: Sequence[int], ratio: float,
@@ -249,18 +228,20 @@ class _Call(NamedTuple):
   out_shape: tuple[int, ...]
 
 
-def layer_calls(model: nn.Module, variables, input_shape: Sequence[int], *,
-                dtype=jnp.float32) -> dict[str, _Call]:
-  """Every project layer's variables, spec and activation shapes.
+def layer_calls(model, *args, dtype=jnp.float32,
+                **apply_kwargs) -> dict[str, _Call]:
+  """Every conv / dense layer's variables, spec and activation shapes.
 
-  The shapes come from :func:`lowrank_jax.counting.layer_calls` (traced with
-  ``jax.eval_shape``, nothing computed).
+  Arguments as :func:`lowrank_jax.counting.layer_calls` (linen: ``model,
+  variables, input_shape``; NNX: ``module, input_shape``); the shapes are
+  traced with ``jax.eval_shape``, nothing computed.
   """
+  variables = model if isinstance(model, nnx.Module) else args[0]
   params, _ = tree.split_variables(variables)
   all_layers = tree.layers(params)
   return {p: _Call(all_layers[p], c.spec, c.in_shape, c.out_shape)
-          for p, c in counting.layer_calls(model, variables, input_shape,
-                                           dtype=dtype).items()
+          for p, c in counting.layer_calls(model, *args, dtype=dtype,
+                                           **apply_kwargs).items()
           if p in all_layers}
 
 
@@ -268,10 +249,9 @@ def _layer_fn(form, spec):
   return jax.jit(lambda v, x: form.forward(v, x, spec))
 
 
-def time_layers(model: nn.Module, variables, input_shape: Sequence[int], *,
-                dtype=jnp.float32, repeats: int = 10, select=None,
-                min_time_s: float = 0.05, seed: int = 0
-                ) -> dict[str, LayerTiming]:
+def time_layers(model, *args, dtype=jnp.float32, repeats: int = 10,
+                select=None, min_time_s: float = 0.05, seed: int = 0,
+                **apply_kwargs) -> dict[str, LayerTiming]:
   """Times each split layer of a network against its merged dense kernel.
 
   Every layer not in dense form is run alone, under ``jit`` on the default
@@ -281,20 +261,21 @@ def time_layers(model: nn.Module, variables, input_shape: Sequence[int], *,
   are cast to ``dtype``, as a model with ``dtype=...`` computes.
 
   Args:
-    model: the Flax model (one of :mod:`lowrank_jax.models` or any model
-      built from :mod:`lowrank_jax.layers`).
-    variables: its variables, some layers split.
-    input_shape: the network input shape, e.g. ``(128, 32, 32, 3)``.
+    model: a linen model, then ``variables, input_shape``; or an NNX module,
+      then ``input_shape`` (the network input shape, e.g. ``(128, 32, 32,
+      3)``). Some layers split.
+    *args: as above.
     dtype: computation dtype.
     repeats: timed rounds per layer (median taken).
     select: optional rules restricting which split layers are timed.
     min_time_s: keep timing until each function has run this long in total.
     seed: seed of the random inputs.
+    **apply_kwargs: passed to the model's call when tracing shapes.
 
   Returns:
     ``{path: LayerTiming}`` for every split layer (in network order).
   """
-  calls = layer_calls(model, variables, input_shape, dtype=dtype)
+  calls = layer_calls(model, *args, dtype=dtype, **apply_kwargs)
   split = [p for p, c in calls.items()
            if forms.identify(c.variables) != 'dense']
   if select is not None:
@@ -320,10 +301,10 @@ def time_layers(model: nn.Module, variables, input_shape: Sequence[int], *,
   return out
 
 
-def never_slower(model: nn.Module, variables, input_shape: Sequence[int], *,
-                 margin: float = 1.0, dtype=jnp.float32, repeats: int = 10,
-                 select=None, timer: Callable[..., Mapping[str, LayerTiming]]
-                 | None = None):
+def never_slower(model, *args, margin: float = 1.0, dtype=jnp.float32,
+                 repeats: int = 10, select=None,
+                 timer: Callable[..., Mapping[str, LayerTiming]] | None = None,
+                 **apply_kwargs):
   """Re-merges every split layer that is not faster than its dense form.
 
   A split layer is kept only if ``speedup >= margin`` (``margin > 1`` asks
@@ -332,22 +313,26 @@ def never_slower(model: nn.Module, variables, input_shape: Sequence[int], *,
   computes the same function and no layer is slower than in the original.
 
   Args:
-    model: the Flax model.
-    variables: its variables (not modified).
-    input_shape: network input shape; the batch size matters for speed.
+    model: a linen model, then ``variables, input_shape``; or an NNX module,
+      then ``input_shape``. The batch size of the input shape matters for
+      speed. Nothing is modified.
+    *args: as above.
     margin: least speed-up a split layer must show to stay split.
     dtype: computation dtype of the timing.
     repeats: timed rounds per layer.
     select: optional rules restricting which split layers are considered.
     timer: replaces :func:`time_layers` (same signature and result), e.g. a
       fake for tests or a cached table of measurements.
+    **apply_kwargs: passed to the model's call when tracing shapes.
 
   Returns:
-    ``(new_variables, NeverSlowerReport)``.
+    ``(new_variables, NeverSlowerReport)``; for an NNX module, a new module
+    in place of the variables.
   """
   timer = time_layers if timer is None else timer
-  timings = dict(timer(model, variables, input_shape, dtype=dtype,
-                       repeats=repeats, select=select))
+  timings = dict(timer(model, *args, dtype=dtype, repeats=repeats,
+                       select=select, **apply_kwargs))
+  variables = model if isinstance(model, nnx.Module) else args[0]
   merged, kept = {}, {}
   for path, t in timings.items():
     why = (f'split {t.split_s * 1e3:.3f} ms vs dense {t.dense_s * 1e3:.3f} '

@@ -54,6 +54,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lowrank_jax import runner
 from lowrank_jax import data as data_lib
 from lowrank_jax import models as models_lib
 
@@ -156,7 +157,8 @@ def validate_config(config: ml_collections.ConfigDict, *,
       raise ConfigError(f'config.{name}={value} must be {bound}')
 
   choice('dataset', data_lib.DATASETS)
-  choice('model', models_lib.MODELS)
+  if ':' not in str(config.get('model', '')):
+    choice('model', models_lib.MODELS)
   choice('optimizer', OPTIMIZERS)
   choice('schedule', SCHEDULES)
   integer('batch_size', 1)
@@ -394,7 +396,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
         sharding, rng, variables['params'])
   return TrainState(
       step=jax.device_put(np.zeros((), np.int32), sharding),
-      apply_fn=model.apply, params=variables['params'], tx=tx,
+      apply_fn=runner.bind_apply(model), params=variables['params'], tx=tx,
       opt_state=opt_state, batch_stats=variables.get('batch_stats', {}),
       rng=dropout_rng)
 
@@ -487,11 +489,11 @@ def make_train_step(model: nn.Module, *,
     rngs = {'dropout': jax.random.fold_in(state.rng, state.step)}
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
-      logits, updates = model.apply(variables, images, train=True, rngs=rngs,
-                                    mutable=['batch_stats'])
+      logits, updates = runner.apply(model, variables, images, train=True,
+                                        rngs=rngs, mutable=['batch_stats'])
       batch_stats = updates['batch_stats']
     else:
-      logits = model.apply(variables, images, train=True, rngs=rngs)
+      logits = runner.apply(model, variables, images, train=True, rngs=rngs)
       batch_stats = state.batch_stats
     logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -536,7 +538,7 @@ def make_eval_step(model: nn.Module, *, mesh: Optional[Mesh] = None):
 
   def step(state, batch):
     images, labels, mask = batch
-    logits = model.apply(state.variables, images, train=False)
+    logits = runner.apply(model, state.variables, images, train=False)
     logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
@@ -806,7 +808,7 @@ def restore_checkpoint(checkpoint_dir: str,
       apply_fn/tx); None to return the saved arrays as a plain tree
       ``{'step', 'params', 'batch_stats', 'opt_state', 'rng'}`` in their
       saved structure (any transformed tree; ``{'params': tree['params'],
-      'batch_stats': tree['batch_stats']}`` runs in ``model.apply``).
+      'batch_stats': tree['batch_stats']}`` runs in ``lj.apply(model, ...)``).
     step: which step (default: the latest).
     mesh: where to place the restored arrays (default: all devices).
 
@@ -896,7 +898,7 @@ def load_variables(path: str) -> dict:
   """Loads variables saved by :func:`save_variables`, in their saved structure.
 
   Returns:
-    The variables dict; ``model.apply(variables, x, train=False)`` runs it.
+    The variables dict; ``lj.apply(model, variables, x, train=False)`` runs it.
     If ``path`` is missing but ``path.old`` exists (a save killed between
     its renames), that previous version is loaded.
 

@@ -24,6 +24,7 @@ import math
 from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import jax
+import numpy as np
 
 from lowrank_jax import forms
 from lowrank_jax import tree
@@ -42,20 +43,7 @@ class LayerAction(NamedTuple):
   reason: str = ''
 
 
-def _kind(variables) -> str:
-  """'kxk' for a k x k conv, '1x1' for a 1x1 conv, 'dense' for a matrix."""
-  kernel_shape = _kernel_shape(variables)
-  if len(kernel_shape) == 2:
-    return 'dense'
-  return '1x1' if kernel_shape[0] * kernel_shape[1] == 1 else 'kxk'
-
-
-def _kernel_shape(variables) -> tuple[int, ...]:
-  form = forms.of(variables)
-  if hasattr(form, 'kernel_shape'):   # read from the variables' shapes
-    return tuple(form.kernel_shape(variables))
-  kernel = jax.eval_shape(form.to_kernel, variables)
-  return tuple(kernel.shape)
+_kind = tree.kernel_kind
 
 
 def _ranks_for(ranks: Ranks, path: str, variables) -> tuple[int, ...]:
@@ -63,9 +51,17 @@ def _ranks_for(ranks: Ranks, path: str, variables) -> tuple[int, ...]:
     ranks = ranks(path, variables)
   elif isinstance(ranks, Mapping):
     ranks = ranks[path]
-  if isinstance(ranks, (int,)) or hasattr(ranks, '__index__'):
-    ranks = (int(ranks),)
+  if _is_int(ranks):
+    ranks = (ranks,)
+  if not isinstance(ranks, (tuple, list)) or not all(map(_is_int, ranks)):
+    raise TypeError(f'layer {path!r}: ranks must be ints (or a tuple of '
+                    f'ints), got {ranks!r}')
   return tuple(int(r) for r in ranks)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(
+      value, (bool, np.bool_))
 
 
 def _check_ranks(path, ranks, bounds, names):
@@ -99,6 +95,10 @@ def _apply(params, ranks, *, select, eligible, build, report):
     variables = all_layers[path]
     before = forms.identify(variables)
     reason = eligible(path, variables)
+    if reason and isinstance(ranks, Mapping) and path in ranks:
+      raise ValueError(f'ranks given for layer {path!r}, which this '
+                       f'transform cannot split: {reason} (lj.decompose '
+                       'picks the transform by the rank tuple)')
     if reason:
       actions.append(LayerAction(path, 'skipped', before, before,
                                  forms.get(before).ranks(variables), reason))
@@ -133,8 +133,9 @@ def _factorize(form_name: str, kinds: tuple[str, ...], mode_names, bounds_of,
   def eligible(path, variables):
     kind = _kind(variables)
     if kind not in kinds:
-      return (f'{form_name} takes {" or ".join(kinds)} layers; this is a '
-              f'{kind} layer')
+      what = ('a 1-D or 3-D conv' if kind == 'other' else f'a {kind} layer')
+      return f'{form_name} takes {" or ".join(kinds)} layers; this is {what}'
+
     return ''
 
   def build(path, variables, ranks):
@@ -247,6 +248,8 @@ def overparameterize(params, *, select=None, expansion: float = 1.0,
   def eligible(path, variables):
     if forms.identify(variables) != 'dense':
       return f'already in form {forms.identify(variables)!r}'
+    if _kind(variables) == 'other':
+      return 'a 1-D or 3-D conv: only 2-D convs and dense layers take factors'
     if select is None and _kind(variables) == 'dense':
       return 'dense layers are over-parameterized only when selected'
     return ''
@@ -281,6 +284,84 @@ def collapse(params, *, select=None, report: bool = False):
 
   return _apply(params, None, select=select, eligible=eligible, build=build,
                 report=report)
+
+
+def decompose(variables, ranks: Mapping[str, Any], *,
+              conv_form: str = 'tucker2', hooi_iters: int = 0,
+              keep_larger: bool = False, report: bool = False):
+  """Splits each layer named in ``ranks``, by the shape of its rank tuple.
+
+  ``(R_in, R_out)`` splits a k x k conv by Tucker-2 (a layer already in
+  Tucker-2 form is re-compressed by its core, as in MUSCO); ``(R,)`` splits a
+  dense layer or 1x1 conv by SVD, and a k x k conv by CP when
+  ``conv_form='cp'``. The output of :func:`lowrank_jax.vbmf_ranks` goes in
+  as it is.
+
+  Args:
+    variables: variables dict, params tree or ``nnx.Module`` (not modified).
+    ranks: ``{path: ranks tuple}``.
+    conv_form: ``'tucker2'`` or ``'cp'``, for k x k convs.
+    hooi_iters: HOOI sweeps of the Tucker-2 splits.
+    keep_larger: also split a layer whose split would have at least as many
+      parameters as it has now (by default it is kept as it is, and the
+      report says why).
+    report: also return a list of :class:`LayerAction`.
+
+  Returns:
+    The new tree or module (and the report).
+  """
+  if conv_form not in ('tucker2', 'cp'):
+    raise ValueError(f"conv_form must be 'tucker2' or 'cp', got {conv_form!r}")
+  params, _ = tree.split_variables(variables)
+  layers = tree.layers(params)
+  missing = [p for p in ranks if p not in layers]
+  if missing:
+    raise KeyError(f'ranks name no conv or dense layer at {missing}; close '
+                   f'paths: {tree._close(missing[0], layers)}')  # pylint: disable=protected-access
+  groups, kept = {'tucker2': {}, 'cp': {}, 'svd': {}}, []
+  for path, r in ranks.items():
+    r = _ranks_for(ranks, path, layers[path])
+    form = _decompose_form(path, tree.kernel_kind(layers[path]), r, conv_form)
+    if not keep_larger and not _smaller(layers[path], form, r):
+      kept.append(LayerAction(path, 'skipped', forms.identify(layers[path]),
+                              forms.identify(layers[path]), (),
+                              'a split at these ranks would not be smaller'))
+      continue
+    groups[form][path] = r
+  actions = list(kept)
+  out = variables
+  for form, split in (('tucker2', tucker2_split), ('cp', cp_split),
+                      ('svd', svd_split)):
+    if groups[form]:
+      options = {'hooi_iters': hooi_iters} if form == 'tucker2' else {}
+      if form == 'svd':
+        options['allow_kxk'] = True
+      out, acts = split(out, groups[form], report=True, **options)
+      actions += acts
+  if out is variables:   # nothing split: still a new tree / module
+    out = tree.split_variables(variables)[1](params)
+  return (out, actions) if report else out
+
+
+def _decompose_form(path, kind, ranks, conv_form) -> str:
+  if kind == 'kxk' and len(ranks) == 2:
+    if conv_form == 'cp':
+      raise ValueError(f'layer {path!r}: CP takes one rank, got {ranks}')
+    return 'tucker2'
+  if len(ranks) == 1:
+    return 'cp' if kind == 'kxk' and conv_form == 'cp' else 'svd'
+  what = 'a 1-D or 3-D conv' if kind == 'other' else f'a {kind} layer'
+  raise ValueError(f'layer {path!r} is {what}; ranks {ranks} do not fit it '
+                   '((R_in, R_out) for k x k convs, (R,) otherwise)')
+
+
+def _smaller(variables, form: str, ranks) -> bool:
+  current = sum(math.prod(a.shape) for k, a in variables.items()
+                if k != 'bias')
+  if forms.identify(variables) == form:   # re-compression
+    return tuple(ranks) != tuple(forms.of(variables).ranks(variables))
+  split = forms.stand_in(form, tree.kernel_shape(variables), ranks)
+  return sum(math.prod(a.shape) for a in split.values()) < current
 
 
 def layer_forms(params) -> dict[str, str]:

@@ -17,6 +17,7 @@ import difflib
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
+from flax import nnx
 import jax
 import numpy as np
 
@@ -27,17 +28,27 @@ Rule = Union[str, tuple[str, bool]]
 Select = Union[None, str, Sequence[Rule]]
 
 
-def split_variables(tree: Mapping) -> tuple[dict, Callable[[dict], dict]]:
+def split_variables(tree) -> tuple[dict, Callable[[dict], Any]]:
   """Returns the ``params`` sub-tree and a function that puts a new one back.
 
   Args:
-    tree: a Flax variables dict with a top-level ``'params'`` key, or a bare
-      params tree.
+    tree: a Flax variables dict with a top-level ``'params'`` key, a bare
+      params tree, or an ``nnx.Module``.
 
   Returns:
     ``(params, rebuild)`` where ``rebuild(new_params)`` returns a tree of the
-    same kind as ``tree`` (other collections such as ``batch_stats`` kept).
+    same kind as ``tree`` (other collections such as ``batch_stats`` kept);
+    for an NNX module, a new module running the new params
+    (:func:`lowrank_jax.nnx_surgery.rebuild`), the input left untouched.
   """
+  if isinstance(tree, nnx.Module):
+    from lowrank_jax import nnx_surgery  # pylint: disable=g-import-not-at-top
+    params = nnx_surgery.params_of(tree)
+    return params, lambda p: nnx_surgery.rebuild(tree, params, p)
+  if not isinstance(tree, Mapping):
+    raise TypeError(
+        f'expected a Flax variables dict, a params tree or an nnx.Module, got '
+        f'{type(tree).__name__}')
   tree = _unfreeze(tree)
   if 'params' in tree and isinstance(tree['params'], Mapping):
     rest = {k: v for k, v in tree.items() if k != 'params'}
@@ -78,6 +89,28 @@ def layers(params: Mapping) -> dict[str, dict]:
   return found
 
 
+def kernel_shape(variables: Mapping) -> tuple[int, ...]:
+  """Shape of the dense kernel a layer's variables stand for (any form)."""
+  form = forms.of(variables)
+  if hasattr(form, 'kernel_shape'):   # read from the variables' shapes
+    return tuple(form.kernel_shape(variables))
+  return tuple(jax.eval_shape(form.to_kernel, {
+      k: v for k, v in variables.items() if k != 'bias'}).shape)
+
+
+def kernel_kind(variables: Mapping) -> str:
+  """``'kxk'``, ``'1x1'`` (2-D convs), ``'dense'`` (a matrix) or ``'other'``.
+
+  ``'other'`` is a kernel the forms cannot split: a 1-D or 3-D conv's.
+  """
+  shape = kernel_shape(variables)
+  if len(shape) == 2:
+    return 'dense'
+  if len(shape) == 4:
+    return '1x1' if shape[0] * shape[1] == 1 else 'kxk'
+  return 'other'
+
+
 def get_layer(params: Mapping, path: str) -> dict:
   """The variables of the layer at ``path``; KeyError names close paths."""
   all_layers = layers(params)
@@ -102,6 +135,11 @@ def replace_layers(params: Mapping, new: Mapping[str, Mapping]) -> dict:
   params = _unfreeze(params)
   out = dict(params)
   for path, variables in new.items():
+    if path == '':   # the tree is a single layer (e.g. one nn.Conv)
+      out = {**{k: v for k, v in out.items()
+                if forms.identify(out.keys(), strict=False) is None},
+             **dict(variables)}
+      continue
     keys = path.split('/')
     node = out
     for key in keys[:-1]:

@@ -700,6 +700,8 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   bare, _ = tree.split_variables(params)
   all_layers = tree.layers(bare)
   paths = tree.select_paths(all_layers.keys(), select)
+  if select is None:   # 1-D / 3-D convs have no ranks to estimate
+    paths = [p for p in paths if tree.kernel_kind(all_layers[p]) != 'other']
   for path in paths:
     tree.check_finite(path, all_layers[path])
   plan = tuple(_plan_layer(p, all_layers[p]) for p in paths)

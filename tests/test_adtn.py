@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import lowrank_jax as lj
 from lowrank_jax import adtn
 from lowrank_jax import count_flops
 from lowrank_jax import count_params
@@ -149,20 +150,20 @@ def test_model_apply_equals_decoded_dense_and_collapse():
   assert transforms.layer_forms(new) == {
       'conv1': 'dense', 'conv2': 'adtn', 'fc1': 'dense', 'fc2': 'adtn',
       'head': 'dense'}
-  out = model.apply(new, x)
+  out = lj.apply(model, new, x)
   # Same tree with every ADTN replaced by its decoded kernel, by hand.
   dense = {'params': dict(new['params'])}
   for path in ('conv2', 'fc2'):
     layer = new['params'][path]
     dense['params'][path] = {'kernel': adtn_form.to_kernel(layer),
                              'bias': layer['bias']}
-  np.testing.assert_allclose(out, model.apply(dense, x), rtol=1e-5,
+  np.testing.assert_allclose(out, lj.apply(model, dense, x), rtol=1e-5,
                              atol=1e-5)
   # collapse merges ADTN layers into dense kernels through forms.to_kernel.
   merged, crep = transforms.collapse(new, report=True)
   assert set(transforms.layer_forms(merged).values()) == {'dense'}
   assert {a.path for a in crep if a.action == 'merged'} == {'conv2', 'fc2'}
-  np.testing.assert_allclose(model.apply(merged, x), out, rtol=1e-5,
+  np.testing.assert_allclose(lj.apply(model, merged, x), out, rtol=1e-5,
                              atol=1e-5)
   # flops: an ADTN layer runs as its dense kernel.
   f_new = count_flops(model, new, (1, 28, 28, 1))
@@ -223,7 +224,7 @@ def test_training_through_decode_lowers_loss():
   trainable = params['fc1']                         # gates, scale, bias
 
   def loss_fn(fc1, x, y):
-    logits = model.apply({'params': {**params, 'fc1': fc1}}, x)
+    logits = lj.apply(model, {'params': {**params, 'fc1': fc1}}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   opt = optax.adam(1e-2)
@@ -287,8 +288,8 @@ def test_shared_adtn_one_network_for_two_layers():
         np.linalg.norm(want - variables['params'][path]['kernel']) /
         np.linalg.norm(variables['params'][path]['kernel'])), rel_tol=1e-4)
   # The same model.apply runs the shared tree, as the dense one.
-  out = model.apply(new, x)
-  np.testing.assert_allclose(out, model.apply(dense, x), rtol=1e-5,
+  out = lj.apply(model, new, x)
+  np.testing.assert_allclose(out, lj.apply(model, dense, x), rtol=1e-5,
                              atol=1e-5)
 
 
@@ -299,13 +300,13 @@ def test_shared_adtn_gradients_from_all_members_reach_the_gates():
     p = dict(new['params'])
     p['adtn_shared'] = {'g0': {**p['adtn_shared']['g0'],
                                'adtn_gates': gates}}
-    return jnp.sum(model.apply({'params': p}, x) ** 2)
+    return jnp.sum(lj.apply(model, {'params': p}, x) ** 2)
 
   def via_unshare(gates):   # members decoded by hand, outside the layers
     p = dict(new['params'])
     p['adtn_shared'] = {'g0': {**p['adtn_shared']['g0'],
                                'adtn_gates': gates}}
-    return jnp.sum(model.apply(adtn.adtn_unshare({'params': p}), x) ** 2)
+    return jnp.sum(lj.apply(model, adtn.adtn_unshare({'params': p}), x) ** 2)
 
   gates = new['params']['adtn_shared']['g0']['adtn_gates']
   g_model = jax.jit(jax.grad(via_model))(gates)
@@ -317,7 +318,7 @@ def test_shared_adtn_gradients_from_all_members_reach_the_gates():
     p['adtn_shared'] = {'g0': {**p['adtn_shared']['g0'],
                                'adtn_gates': gates}}
     p['fc2'] = adtn.adtn_unshare(new)['params']['fc2']
-    return jnp.sum(model.apply({'params': p}, x) ** 2)
+    return jnp.sum(lj.apply(model, {'params': p}, x) ** 2)
   assert float(jnp.abs(jax.grad(fc1_only)(gates) - g_model).max()) > 1e-6
   # The decode cost is the group's, counted once.
   timing = adtn.decode_time(new, repeats=1)
@@ -329,7 +330,7 @@ def test_shared_adtn_bad_inputs():
   orphan = {'params': {k: v for k, v in new['params'].items()
                        if k != 'adtn_shared'}}
   with pytest.raises(ValueError, match=r"'fc1'.*'g0'"):
-    model.apply(orphan, x)
+    lj.apply(model, orphan, x)
   with pytest.raises(ValueError, match='adtn_unshare'):
     forms.to_kernel(new['params']['fc1'])
   with pytest.raises(ValueError, match='adtn_unshare'):
@@ -350,8 +351,8 @@ def test_shared_adtn_bad_inputs():
   assert 'shared group' in by_path['fc1'].reason
   assert set(again['params']['adtn_shared']) == {'g0', 'g1'}
   np.testing.assert_allclose(
-      model.apply(again, x),
-      model.apply(adtn.adtn_unshare(again), x), rtol=1e-5, atol=1e-5)
+      lj.apply(model, again, x),
+      lj.apply(model, adtn.adtn_unshare(again), x), rtol=1e-5, atol=1e-5)
   # A group that would not be smaller than its members is not made.
   small = {'a': {'kernel': jnp.ones((8, 8))}, 'b': {'kernel': jnp.ones((4, 4))}}
   _, rep = adtn.adtn_encode(small, depth=2, steps=0, min_size=1, share=True,

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import lowrank_jax as lj
 from lowrank_jax import count_params, get_model, layers
 
 # Exact counts; resnet20 / resnet18 on 32x32x3 match the published CIFAR
@@ -24,7 +25,7 @@ def test_shapes_and_param_counts(name, channels):
   x = jnp.zeros((2, size, size, channels))
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
   assert count_params(variables) == COUNTS[(name, channels)]
-  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  out = jax.eval_shape(lambda v: lj.apply(model, v, x, train=False), variables)
   assert out.shape == (2, 10)
 
 
@@ -41,6 +42,6 @@ def test_layer_paths_are_readable():
 def test_num_classes_and_unknown_name():
   model = get_model('lenet5', num_classes=100)
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-  assert model.apply(v, jnp.zeros((3, 28, 28, 1))).shape == (3, 100)
+  assert lj.apply(model, v, jnp.zeros((3, 28, 28, 1))).shape == (3, 100)
   with pytest.raises(ValueError, match='known: .*resnet20'):
     get_model('resnet21')

@@ -60,7 +60,7 @@ def test_direct_compresses_and_writes_the_report(tmp_path):
   variables = training.load_variables(str(tmp_path / 'stages' / 'finetune'))
   model = lj.get_model('lenet5')
   assert lj.layer_forms(variables)['conv2'] == 'tucker2'
-  assert model.apply(variables, np.zeros((2, 28, 28, 1))).shape == (2, 10)
+  assert lj.apply(model, variables, np.zeros((2, 28, 28, 1))).shape == (2, 10)
 
 
 def test_he2024_trains_factors_with_the_penalty(tmp_path):

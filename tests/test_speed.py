@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lowrank_jax as lj
 from lowrank_jax import forms
 from lowrank_jax import models
 from lowrank_jax import speed
@@ -244,8 +245,8 @@ def test_never_slower_merges_exactly_the_slower_layers(split_net):
   after = transforms.layer_forms(new)
   for path, form in transforms.layer_forms(variables).items():
     assert after[path] == ('dense' if path in slow else form)
-  np.testing.assert_allclose(model.apply(new, x, train=False),
-                             model.apply(variables, x, train=False),
+  np.testing.assert_allclose(lj.apply(model, new, x, train=False),
+                             lj.apply(model, variables, x, train=False),
                              atol=1e-4, rtol=1e-4)
   # The input tree is left as it was.
   jax.tree.map(np.testing.assert_array_equal, variables, before)
@@ -259,8 +260,8 @@ def test_never_slower_margin_and_nothing_to_merge(split_net):
   new, report = speed.never_slower(model, variables, x.shape, margin=2.0,
                                    timer=_fake_timer(set()))
   assert set(transforms.layer_forms(new).values()) == {'dense'}
-  np.testing.assert_allclose(model.apply(new, x, train=False),
-                             model.apply(variables, x, train=False),
+  np.testing.assert_allclose(lj.apply(model, new, x, train=False),
+                             lj.apply(model, variables, x, train=False),
                              atol=1e-4, rtol=1e-4)
 
 

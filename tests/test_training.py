@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from configs import smoke
+import lowrank_jax as lj
 from lowrank_jax import data
 from lowrank_jax import get_model
 from lowrank_jax import orthogonal_penalty
@@ -111,7 +112,7 @@ def test_penalty_plugs_in_and_step_does_not_retrace(dataset):
       model, penalty_fn=penalty_fn, penalty_weight=weight, donate=False)
   state_p, m_p = with_penalty(state, batch)
   ce = jax.jit(lambda v, x, y: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(v, x, train=True), y).mean())(state.variables, *batch)
+      lj.apply(model, v, x, train=True), y).mean())(state.variables, *batch)
   expected = float(orthogonal_penalty(variables['params']))
   assert expected > 0.1
   np.testing.assert_allclose(float(m_p['penalty']), expected, rtol=1e-5)
@@ -148,8 +149,8 @@ def test_checkpoint_and_variables_round_trip(dataset, tmp_path):
   training.save_variables(path, state.variables)  # Replaces the first.
   loaded = training.load_variables(path)
   x = _batch(dataset)[0]
-  np.testing.assert_array_equal(model.apply(loaded, x),
-                                model.apply(state.variables, x))
+  np.testing.assert_array_equal(lj.apply(model, loaded, x),
+                                lj.apply(model, state.variables, x))
   assert sorted(os.listdir(tmp_path)) == ['ckpt', 'final']
   # A failing save leaves the good one in place.
   with pytest.raises(Exception):
@@ -322,13 +323,13 @@ def test_transformed_tree_trains_with_the_same_model(dataset, tmp_path):
   tree = training.restore_checkpoint(
       str(tmp_path / 'checkpoints' / 'finetune'))
   x = _batch(dataset)[0]
-  np.testing.assert_allclose(model.apply({'params': tree['params']}, x),
-                             model.apply(state.variables, x), atol=1e-6)
+  np.testing.assert_allclose(lj.apply(model, {'params': tree['params']}, x),
+                             lj.apply(model, state.variables, x), atol=1e-6)
   training.save_variables(str(tmp_path / 'final'), state.variables)
   loaded = training.load_variables(str(tmp_path / 'final'))
   assert loaded['params']['conv2']['core'].shape == (5, 5, 4, 4)
-  np.testing.assert_array_equal(model.apply(loaded, x),
-                                model.apply(state.variables, x))
+  np.testing.assert_array_equal(lj.apply(model, loaded, x),
+                                lj.apply(model, state.variables, x))
 
 
 _SHARDED_SCRIPT = textwrap.dedent('''

@@ -42,19 +42,19 @@ def _full_ranks(path, variables):
 def test_full_rank_splits_preserve_outputs_on_real_images(name, real_images):
   x = jnp.asarray(real_images[:4])
   model, v = _perturbed_variables(name, x)
-  y = model.apply(v, x, train=False)
+  y = lj.apply(model, v, x, train=False)
   scale = float(jnp.max(jnp.abs(y)))
   split = lj.tucker2_split(v, _full_ranks)
   split = lj.svd_split(split, lambda p, l: min(l['kernel'].shape[-2:]))
   assert set(lj.layer_forms(split).values()) == {'tucker2', 'svd'}
-  np.testing.assert_allclose(model.apply(split, x, train=False), y,
+  np.testing.assert_allclose(lj.apply(model, split, x, train=False), y,
                              atol=2e-4 * scale)
   over = lj.overparameterize(v, expansion=1.25, key=jax.random.PRNGKey(2))
-  np.testing.assert_allclose(model.apply(over, x, train=False), y,
+  np.testing.assert_allclose(lj.apply(model, over, x, train=False), y,
                              atol=2e-4 * scale)
   back = lj.collapse(over)
   assert set(lj.layer_forms(back).values()) == {'dense'}
-  np.testing.assert_allclose(model.apply(back, x, train=False), y,
+  np.testing.assert_allclose(lj.apply(model, back, x, train=False), y,
                              atol=2e-4 * scale)
 
 
@@ -144,7 +144,7 @@ class _Grouped(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return lj.Conv(8, (3, 3), feature_group_count=2, name='grouped')(x)
+    return nn.Conv(8, (3, 3), feature_group_count=2, name='grouped')(x)
 
 
 def test_grouped_conv_split_fails_at_apply_naming_the_layer():
@@ -152,7 +152,7 @@ def test_grouped_conv_split_fails_at_apply_naming_the_layer():
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)))
   split = lj.tucker2_split(v, (2, 4))
   with pytest.raises(ValueError, match="layer 'grouped' is a grouped conv"):
-    model.apply(split, jnp.zeros((1, 8, 8, 4)))
+    lj.apply(model, split, jnp.zeros((1, 8, 8, 4)))
 
 
 def test_orthogonal_penalty_zero_positive_and_gradient():
@@ -214,7 +214,7 @@ def test_count_flops_matches_xla_cost_analysis():
   for variables in (v, lj.tucker2_split(v, (1, 8), select='conv2'),
                     lj.svd_split(v, 8)):
     report = lj.count_flops(model, variables, shape)
-    cost = jax.jit(lambda x: model.apply(variables, x)).lower(
+    cost = jax.jit(lambda x: lj.apply(model, variables, x)).lower(
         jnp.zeros(shape)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # XLA counts 2 flops per multiply-add plus the bias adds, relus and pools.

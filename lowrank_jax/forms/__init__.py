@@ -27,6 +27,9 @@ from __future__ import annotations
 import types
 from typing import Iterable
 
+import jax
+import jax.numpy as jnp
+
 from lowrank_jax.forms import adtn
 from lowrank_jax.forms import adtn_shared
 from lowrank_jax.forms import base
@@ -89,5 +92,36 @@ def to_kernel(variables):
   return of(variables).to_kernel(variables)
 
 
+def stand_in(name: str, kernel_shape, ranks=()) -> dict:
+  """Zero-cost ``jax.ShapeDtypeStruct`` variables of a layer in form ``name``.
+
+  For counting parameters and multiply-adds of a split before making it.
+
+  Args:
+    name: ``'dense'``, ``'tucker2'``, ``'svd'`` or ``'cp'``.
+    kernel_shape: the dense kernel's shape, HWIO or (C_in, C_out).
+    ranks: the form's ranks (``(R_in, R_out)`` or ``(R,)``).
+  """
+  s = lambda *shape: jax.ShapeDtypeStruct(tuple(int(d) for d in shape),
+                                          jnp.float32)
+  kernel_shape = tuple(kernel_shape)
+  if name == 'dense':
+    return {'kernel': s(*kernel_shape)}
+  if name == 'tucker2':
+    kh, kw, c_in, c_out = kernel_shape
+    r_in, r_out = ranks
+    return {'u_in': s(c_in, r_in), 'core': s(kh, kw, r_in, r_out),
+            'u_out': s(r_out, c_out)}
+  if name == 'svd':
+    (r,) = ranks
+    return {'u': s(*kernel_shape[:-1], r), 'v': s(r, kernel_shape[-1])}
+  if name == 'cp':
+    kh, kw, c_in, c_out = kernel_shape
+    (r,) = ranks
+    return {'cp_in': s(c_in, r), 'cp_h': s(kh, r), 'cp_w': s(kw, r),
+            'cp_out': s(r, c_out)}
+  raise ValueError(f'no stand-in for form {name!r}')
+
+
 __all__ = ['FORMS', 'LayerSpec', 'base', 'get', 'identify', 'of', 'register',
-           'to_kernel']
+           'stand_in', 'to_kernel']
