@@ -16,7 +16,7 @@ Compose the pure transforms by hand: load Fashion-MNIST (offline, Debian's
 `dataset-fashion-mnist`), train a small model briefly, `overparameterize`,
 train with `orthogonal_penalty`, `collapse`, `vbmf_ranks`, `tucker2_split`,
 evaluate, plot. Every transform takes a variables tree and returns a new one;
-the *same* `model.apply` runs all of them."""),
+`lj.apply(model, ...)` runs all of them with the same model object."""),
     ('code', """import os
 import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib.pyplot as plt
@@ -89,8 +89,7 @@ print('over-parameterized accuracy', accuracy(dense))"""),
 `(rank_in, rank_out)` from their two channel unfoldings."""),
     ('code', """ranks, details = lj.vbmf_ranks(dense, select=['conv2', 'fc.*'], return_details=True)
 print(ranks)
-split = lj.tucker2_split(dense, {p: r for p, r in ranks.items() if len(r) == 2})
-split = lj.svd_split(split, {p: r for p, r in ranks.items() if len(r) == 1})
+split = lj.decompose(dense, ranks)  # Tucker-2 for (R_in, R_out), SVD for (R,)
 print('forms:', lj.layer_forms(split))
 print('params', lj.count_params(dense), '->', lj.count_params(split))
 print('MACs', lj.count_flops(model, dense, x0.shape).total, '->',
@@ -105,6 +104,29 @@ for ax, (path, d) in zip(np.atleast_1d(axes), details.items()):
     ax.axhline(float(d['threshold'][i]), color=f'C{i}', ls='--')
   ax.set_title(path)
 fig.tight_layout()"""),
+    ('md', """## Your own model
+
+The built-in models are plain linen; so can yours be. Any model whose layers
+are `nn.Conv` / `nn.Dense` runs a transformed tree through `lj.apply`, each
+layer with its own strides and padding (here `CIRCULAR`)."""),
+    ('code', """import flax.linen as nn
+
+class MyNet(nn.Module):  # plain linen: nothing from lowrank_jax
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(16, (3, 3), padding='CIRCULAR')(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(32, (3, 3), strides=2)(x))
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+mine = MyNet()
+mine_vars = mine.init(jax.random.PRNGKey(1), x0)
+mine_split = lj.decompose(mine_vars, {'Conv_1': (8, 16), 'Dense_0': (16,)})
+print('forms:', lj.layer_forms(mine_split))
+print('params', lj.count_params(mine_vars), '->', lj.count_params(mine_split))
+print('MACs', lj.count_flops(mine, mine_vars, x0.shape).total, '->',
+      lj.count_flops(mine, mine_split, x0.shape).total)
+print('logits', lj.apply(mine, mine_split, x).shape)"""),
 ]
 
 

@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 from flax import nnx
+
+from lowrank_jax import nnx_surgery
 import jax.numpy as jnp
 
 ModuleDef = Any
@@ -164,14 +166,16 @@ def get_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
   Args:
     name: one of ``MODELS`` (fc2, lenet5, resnet20, resnet18, vgg16), or
       ``'package.module:factory'``: a callable returning a ``flax.linen``
-      module whose ``__call__(x, train=...)`` returns logits (given
-      ``num_classes=`` when its signature takes it).
+      module whose ``__call__(x, train=...)`` returns logits, or an NNX
+      module whose ``__call__(x)`` does (``train()`` / ``eval()`` switch
+      its modes); it is given ``num_classes=`` when its signature takes it.
     num_classes: size of the output layer.
     **kwargs: further model attributes (e.g. ``dtype=jnp.bfloat16``).
 
   Returns:
-    An unbound Flax module; ``model.init(key, x, train=False)`` makes its
-    variables.
+    An unbound Flax module (an NNX one wrapped in
+    :class:`lowrank_jax.nnx_surgery.NNXModel`); ``model.init(key, x,
+    train=False)`` makes its variables.
   """
   if ':' in name:
     return _from_factory(name, num_classes=num_classes, **kwargs)
@@ -191,15 +195,15 @@ def _from_factory(spec: str, **kwargs) -> nn.Module:
                      'module on PYTHONPATH?') from e
   if not callable(factory):
     raise ValueError(f'model {spec!r}: {attr!r} is not callable')
-  params = inspect.signature(factory).parameters
+  try:
+    params = inspect.signature(factory).parameters
+  except (TypeError, ValueError):   # a builtin: pass nothing
+    params = {}
   takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
   kwargs = {k: v for k, v in kwargs.items() if takes_any or k in params}
   model = factory(**kwargs)
   if isinstance(model, nnx.Module):
-    raise ValueError(
-        f'model {spec!r} returned an NNX module; the jobs train linen '
-        'models (the library transforms NNX modules directly: '
-        'lj.tucker2_split(module, ranks) returns a new module)')
+    return nnx_surgery.NNXModel(model)
   if not isinstance(model, nn.Module):
     raise ValueError(f'model {spec!r} returned {type(model).__name__}, not '
                      'a flax.linen Module')

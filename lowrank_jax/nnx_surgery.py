@@ -114,7 +114,7 @@ def _str_keys(tree):
 
 def params_of(module: nnx.Module) -> dict:
   """``nnx.state(module, nnx.Param)`` as a pure dict with string keys."""
-  return _str_keys(nnx.state(module, nnx.Param).to_pure_dict())
+  return _str_keys(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
 
 
 def _set_child(parent, key, value) -> None:
@@ -223,3 +223,73 @@ def trace_calls(module: nnx.Module, *args, **kwargs) -> dict:
   with runner.record_calls() as calls:
     jax.eval_shape(run, state, *args)
   return dict(calls)
+
+
+def _assign(module: nnx.Module, kind, tree: Mapping) -> None:
+  """Sets every ``kind`` variable of ``module`` from a pure dict by path."""
+  for path, node in nnx.iter_graph(module):
+    if isinstance(node, kind):
+      value = tree
+      for key in path:
+        value = value[str(key)]
+      node.set_value(value)
+
+
+class NNXModel:
+  """An NNX module seen through linen's ``init`` / ``apply``.
+
+  The training tool trains variables dicts (``{'params', 'batch_stats'}``)
+  with ``lj.apply(model, variables, x, train=..., rngs=..., mutable=...)``;
+  this adapter lets it train a user's NNX module: ``apply`` builds a module
+  from the template with each layer in the form of the given params
+  (:func:`rebuild`), sets the params and batch statistics, switches
+  ``train()`` / ``eval()``, reseeds its RNG streams from ``rngs['dropout']``
+  and calls it. Layer paths are the module's attribute paths.
+
+  Attributes:
+    template: the module the factory returned (never modified).
+  """
+
+  def __init__(self, template: nnx.Module):
+    self.template = template
+    self._params = params_of(template)
+
+  def __repr__(self):
+    return f'NNXModel({type(self.template).__name__})'
+
+  def init(self, rngs, *args, **kwargs) -> dict:
+    """The template's variables (its own initialization; ``rngs`` unused)."""
+    del rngs, args, kwargs
+    variables = {'params': self._params}
+    stats = _str_keys(nnx.to_pure_dict(nnx.state(self.template,
+                                                 nnx.BatchStat)))
+    if stats:
+      variables['batch_stats'] = stats
+    return variables
+
+  def module(self, variables: Mapping) -> nnx.Module:
+    """A new module holding ``variables`` (any forms)."""
+    module = rebuild(self.template, self._params, variables['params'])
+    _assign(module, nnx.Param, variables['params'])
+    if variables.get('batch_stats'):
+      _assign(module, nnx.BatchStat, variables['batch_stats'])
+    return module
+
+  def apply(self, variables: Mapping, *args, train: bool = False,
+            rngs: Mapping | None = None, mutable=False, **kwargs):
+    """As linen's ``apply``: the output, and with ``mutable`` the updates."""
+    module = self.module(variables)
+    if runner.recording():   # counting: every layer reports its call
+      module = with_form_layers(module)
+    module.train() if train else module.eval()  # pylint: disable=expression-not-assigned
+    if rngs and 'dropout' in rngs:
+      tags = sorted({n.tag for _, n in nnx.iter_graph(module)
+                     if isinstance(n, nnx.RngStream)})
+      if tags:
+        nnx.reseed(module, **{t: jax.random.fold_in(rngs['dropout'], i)
+                              for i, t in enumerate(tags)})
+    out = module(*args, **kwargs)
+    if not mutable:
+      return out
+    stats = _str_keys(nnx.to_pure_dict(nnx.state(module, nnx.BatchStat)))
+    return out, ({'batch_stats': stats} if stats else {})

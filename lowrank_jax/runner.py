@@ -213,6 +213,11 @@ def record_calls():
     _RECORDER.reset(token)
 
 
+def recording() -> bool:
+  """Whether a :func:`record_calls` block is active."""
+  return _RECORDER.get() is not None
+
+
 def _record(module, path: str, call: LayerCall) -> None:
   del module
   calls = _RECORDER.get()

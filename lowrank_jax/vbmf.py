@@ -17,7 +17,9 @@ Implementation notes (what differs from the widely copied Python port):
   by their root mean square), so ``rank(c * Y) == rank(Y)`` for every c > 0;
   the port's absolute tolerance on the raw scale stops after one step for
   trained weights (sigma^2 ~ 1e-5).
-* Tall matrices are transposed first (L <= M).
+* Tall matrices are transposed first (L <= M) and multiplied by the power
+  of two that brings the largest absolute entry into [0.5, 1); the results
+  are scaled back exactly (sigma^2 by the square of that power).
 * The objective drops the constant ``-sum(log gamma_h^2)``, which is the same
   on both branches of the free energy, so exact zero singular values (zero or
   low-rank matrices, rank-deficient unfoldings) give no ``-log 0``.
@@ -77,8 +79,11 @@ class EVBMFResult(NamedTuple):
   """EVBMF of one L x M matrix (L = min of its two sides).
 
   Attributes:
-    rank: () int32, number of singular values above ``threshold``.
-    sigma2: () noise variance (estimated, or the one given).
+    rank: () int32, number of singular values above ``threshold``; -1 (and
+      NaN in the other fields) for a traced input with NaN / Inf, see
+      :func:`evbmf`.
+    sigma2: () noise variance (estimated, or the one given); inf / 0 where
+      it over- / underflows the dtype (see :func:`evbmf`).
     threshold: () the EVB threshold on singular values,
       ``sqrt(M * sigma2 * (1 + tau) * (1 + alpha / tau))``.
     shrunk: (L,) the EVB-shrunk singular values, largest first, zeros beyond
@@ -310,52 +315,158 @@ def _evbmf_sq(lam, big_l, big_m, sigma2=None):
   return EVBMFResult(rank, sigma2_out, threshold, shrunk), gamma
 
 
+def _pow2(k, dtype):
+  """``2.0 ** k`` in ``dtype`` (float32 / float64), exactly, from its bits.
+
+  ``k`` is an integer array within the normal exponent range of ``dtype``
+  (float32: [-126, 127]); no ``exp2`` rounding.
+  """
+  if jnp.dtype(dtype) == jnp.float64:
+    bits = (k.astype(jnp.int64) + 1023) << 52
+    return jax.lax.bitcast_convert_type(bits, jnp.float64)
+  bits = (k.astype(jnp.int32) + 127) << 23
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _ldexp(x, k, *, flush=True):
+  """``x * 2**k`` for an integer array ``k``, exact when representable.
+
+  ``|k| / 4`` must lie in the normal exponent range of x's dtype (float32:
+  |k| <= 500, ample for the ``2e`` of any float32 matrix).
+
+  The power is applied as four factors of at most 2^|k/4|, each a normal
+  number and all of one direction, so intermediates neither overflow nor
+  underflow before the result does (a single factor 2^k can itself be
+  unrepresentable; dividing by a scalar lets XLA multiply by its
+  reciprocal, which for 1 / 3e38 is subnormal and flushed to 0 on CPU).
+  A result above the dtype's largest finite value is ``inf``; with
+  ``flush``, one below its smallest normal value is 0 on every backend
+  (XLA's CPU backend flushes subnormals anyway).
+  """
+  k = jnp.asarray(k, jnp.int32)
+  q = jax.lax.div(k, jnp.int32(4))  # truncates towards 0: same sign as k.
+  p = _pow2(q, x.dtype)
+  out = x * p * p * p * _pow2(k - 3 * q, x.dtype)
+  if flush:
+    out = jnp.where(jnp.abs(out) < jnp.finfo(x.dtype).tiny,
+                    jnp.zeros_like(out), out)
+  return out
+
+
+def _check_matrix(y):
+  """Static checks of evbmf's input (shape and dtype; traced input too)."""
+  shape = jnp.shape(y)
+  if len(shape) != 2:
+    raise ValueError(f'evbmf expects a matrix, got shape {shape}')
+  if 0 in shape:
+    raise ValueError(f'evbmf expects a non-empty matrix, got shape {shape}')
+  dtype = jnp.result_type(y)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(f'evbmf expects a real matrix, got dtype {dtype} '
+                    f'(shape {shape}); pass e.g. the real part or abs '
+                    'explicitly')
+  return dtype
+
+
+def _check_concrete_input(y, sigma2, dtype):
+  """Host-side value checks of concrete (not traced) ``y`` and ``sigma2``."""
+  if not isinstance(y, jax.core.Tracer):
+    arr = np.asarray(jax.device_get(y))
+    if arr.dtype.kind not in 'biu':
+      arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32,
+                       copy=False)
+      bad = ~np.isfinite(arr)
+      if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f'evbmf: y (shape {arr.shape}) has {int(bad.sum())} non-finite '
+            f'(NaN or Inf) entries, the first at index {first} '
+            f'(value {arr[first]}); EVBMF of such a matrix is meaningless')
+  if sigma2 is not None and not isinstance(sigma2, jax.core.Tracer):
+    compute = _compute_dtype(dtype)
+    try:
+      value = np.asarray(jax.device_get(sigma2))
+      ok = (value.ndim == 0 and value.dtype.kind in 'biuf'
+            and bool(np.isfinite(value)) and value.astype(compute) > 0)
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise ValueError(f'sigma2 must be a positive finite scalar (in '
+                       f'{compute.name}), got {sigma2!r}')
+
+
 def _prepare(y):
-  """Casts, orients (L <= M) and divides by the largest absolute entry."""
+  """Casts, orients (L <= M) and scales by a power of two.
+
+  Returns:
+    ``(y * 2**-e, e, finite)``: ``e`` is the binary exponent of the largest
+    absolute entry (``frexp``: the scaled peak lies in [0.5, 1); 0 for a zero
+    matrix), so the scaling and the rescaling of the results are exact and no
+    intermediate of the solve under- or overflows. A matrix with NaN / Inf
+    entries is replaced by zeros (LAPACK never sees them) and ``finite`` is
+    False.
+  """
+  _check_matrix(y)
   y = jnp.asarray(y)
-  if y.ndim != 2:
-    raise ValueError(f'evbmf expects a matrix, got shape {y.shape}')
   y = y.astype(_compute_dtype(y.dtype))
   if y.shape[0] > y.shape[1]:
     y = y.T
-  peak = jnp.max(jnp.abs(y))
-  scale = jnp.where(peak > 0, peak, 1.0)
-  return y / scale, scale
+  finite = jnp.all(jnp.isfinite(y))
+  y = jnp.where(finite, y, jnp.zeros_like(y))
+  _, e = jnp.frexp(jnp.max(jnp.abs(y)))
+  return _ldexp(y, -e, flush=False), e, finite
 
 
 def _spectrum(y, method):
-  """gamma^2 (L,) of the oriented matrix divided by ``scale``, and ``scale``.
+  """gamma^2 (L,) of the oriented matrix times ``2**-e``, ``e``, ``finite``.
 
-  ``'auto'`` takes the Gram route and, when the spectrum spans more than the
+  See :func:`_prepare` for ``e`` and ``finite``. ``'auto'`` takes the Gram
+  route and, when the spectrum spans more than the
   Gram route resolves, recomputes it with the SVD: when
   ``gamma_1^2 / (M sigma2_lb) > _GRAM_RANGE / eps`` (sigma2_lb <= sigma2, so
   this errs towards the SVD). Inside ``lax.map`` (as in :func:`vbmf_ranks`)
   the SVD runs only for such matrices; under ``vmap`` both branches run.
   """
-  y, scale = _prepare(y)
+  y, e, finite = _prepare(y)
   if method != 'auto':
-    return _squared_singular_values(y, method), scale
+    return _squared_singular_values(y, method), e, finite
   lam = _squared_singular_values(y, 'gram')
   big_l, big_m = y.shape
-  _, _, _, xubar, e = _constants(big_l, big_m, lam.dtype)
-  tail = jnp.where(jnp.arange(big_l) >= e, lam, 0.0)
-  lb_times_m = jnp.maximum(lam[e] / xubar, jnp.sum(tail) / (big_l - e))
+  _, _, _, xubar, e_lb = _constants(big_l, big_m, lam.dtype)
+  tail = jnp.where(jnp.arange(big_l) >= e_lb, lam, 0.0)
+  lb_times_m = jnp.maximum(lam[e_lb] / xubar, jnp.sum(tail) / (big_l - e_lb))
   limit = _GRAM_RANGE / jnp.finfo(lam.dtype).eps
   unsure = ~(lam[0] <= limit * lb_times_m)  # NaN (LAPACK failure) too.
   lam = jax.lax.cond(unsure, lambda: _squared_singular_values(y, 'svd'),
                      lambda: lam)
-  return lam, scale
+  return lam, e, finite
 
 
 def _evbmf_matrix(y, sigma2, method):
-  """evbmf plus the singular values (for reports)."""
-  lam, scale = _spectrum(y, method)
-  if sigma2 is not None:
-    sigma2 = jnp.asarray(sigma2, lam.dtype) / (scale * scale)
-  res, gamma = _evbmf_sq(lam, min(jnp.shape(y)), max(jnp.shape(y)), sigma2)
-  res = EVBMFResult(res.rank, res.sigma2 * scale * scale,
-                    res.threshold * scale, res.shrunk * scale)
-  return res, gamma * scale
+  """evbmf plus the singular values (for reports); see :func:`evbmf`."""
+  lam, e, finite = _spectrum(y, method)
+  dtype = lam.dtype
+  big_l, big_m = min(jnp.shape(y)), max(jnp.shape(y))
+  if sigma2 is None:
+    res, gamma = _evbmf_sq(lam, big_l, big_m)
+    valid = finite
+    sigma2_out = _ldexp(res.sigma2, 2 * e)
+    threshold = _ldexp(res.threshold, e)
+  else:
+    given = jnp.asarray(sigma2, dtype)
+    valid = finite & (given > 0) & jnp.isfinite(given)
+    # On the scale of the normalized matrix (0 or inf where that saturates:
+    # the limits "all nonzero singular values are signal" / "none is").
+    res, gamma = _evbmf_sq(lam, big_l, big_m, _ldexp(given, -2 * e))
+    sigma2_out = given
+    xubar = _constants(big_l, big_m, dtype)[3]
+    threshold = jnp.sqrt(given) * jnp.sqrt(big_m * xubar)
+  nan = jnp.asarray(jnp.nan, dtype)
+  res = EVBMFResult(jnp.where(valid, res.rank, -1),
+                    jnp.where(valid, sigma2_out, nan),
+                    jnp.where(valid, threshold, nan),
+                    jnp.where(valid, _ldexp(res.shrunk, e), nan))
+  return res, jnp.where(valid, _ldexp(gamma, e), nan)
 
 
 def evbmf(y: jax.Array, *, sigma2: Optional[Any] = None,
@@ -364,25 +475,55 @@ def evbmf(y: jax.Array, *, sigma2: Optional[Any] = None,
 
   Tall inputs are transposed (L <= M after). When ``sigma2`` is None it is
   estimated by minimizing the free energy over [sigma2_lb, sigma2_ub] in log
-  space on a rescaled problem, so the rank does not depend on the scale of
-  ``y`` (``rank(c * y) == rank(y)`` for all c > 0, float32 and float64, up
-  to rounding). The input is first divided by its largest absolute entry, so
-  no intermediate under- or overflows in float32.
+  space on a rescaled problem. The input is first multiplied by the power of
+  two ``2**-e`` that brings its largest absolute entry into [0.5, 1), and
+  sigma2, the threshold and the shrunk values are multiplied back by
+  ``2**(2e)``, ``2**e`` and ``2**e`` (exactly, in steps that cannot
+  overflow early). So the rank does not depend on the scale of ``y``
+  (``rank(c * y) == rank(y)`` for every c > 0 that leaves ``c * y`` finite
+  and normal, float32 and float64, up to rounding) and nothing under- or
+  overflows inside the solve.
 
-  Degenerate inputs give no NaN: an all-zero matrix gives rank 0, sigma2 0,
-  threshold 0; a 1 x n (or n x 1) matrix gives rank 0 (sigma2_lb ==
+  What cannot be represented: sigma2 scales with ``c**2``, so for extreme
+  scales it may lie outside the dtype's normal range even though ``y`` is
+  fine (float32: ``y ~ 1e-20`` gives sigma2 ~ 1e-40, ``max|y| ~ 1e38`` gives
+  sigma2 ~ 1e74). A result field (``sigma2``, ``threshold``, ``shrunk``)
+  above the dtype's largest finite value is returned as ``inf``, one below
+  its smallest normal value (float32: 1.2e-38) as 0, on every backend; the
+  rank is unaffected. :func:`vbmf_ranks` reports sigma2 and the threshold as
+  Python floats rescaled in float64 on the host, which covers every float32
+  input.
+
+  Invalid input raises:
+
+  * ``ValueError``: not a matrix; an empty matrix (0 x N or N x 0, the
+    message names the shape); NaN / Inf entries (message with count and
+    first index); ``sigma2`` not a positive finite scalar; unknown method.
+  * ``TypeError``: a complex matrix.
+
+  The value checks (NaN / Inf in ``y``, the sign of ``sigma2``) need
+  concrete arrays: they run on the host when ``y`` / ``sigma2`` are not
+  traced. Under ``jax.jit`` / ``vmap`` they are impossible; there a
+  non-finite ``y``, or a traced ``sigma2`` that is not positive and finite,
+  gives ``rank == -1`` and NaN ``sigma2``, ``threshold`` and ``shrunk``
+  (never a plausible-looking rank 0), and LAPACK never sees the NaNs.
+
+  Degenerate (finite) inputs give no NaN: an all-zero matrix gives rank 0,
+  sigma2 0, threshold 0; a 1 x n (or n x 1) matrix gives rank 0 (sigma2_lb ==
   sigma2_ub == ||y||^2 / n and the threshold is above the only singular
   value); an exactly low-rank matrix (e.g. constant, rank 1) gives its rank
   as long as that rank is at most ``ceil(L / (1 + L/M)) - 1`` (the estimate
   sits at the lower bound ``max(sigma2_lb, eps * sigma2_ub)``); a 2 x 2
-  matrix always gives rank 0.
+  matrix always gives rank 0. Subnormal input entries count as 0 (XLA's CPU
+  backend flushes them).
 
   Jittable and vmappable (``jax.vmap(evbmf)(stack)``); ``sigma2`` may be a
   traced scalar.
 
   Args:
     y: (L, M) real matrix, any float dtype (half precision runs in float32).
-    sigma2: the noise variance if known (then it is not estimated).
+    sigma2: the noise variance if known (then it is not estimated); a
+      positive finite scalar.
     method: ``'auto'`` (the default: the Gram route, redone with the SVD
       for a matrix whose spectrum spans more than float32 Gram products
       resolve), ``'gram'`` (eigenvalues of the L x L Gram matrix ``Y Y^T``)
@@ -392,12 +533,17 @@ def evbmf(y: jax.Array, *, sigma2: Optional[Any] = None,
   Returns:
     :class:`EVBMFResult` with ``shrunk`` of shape (min(L, M),).
 
+  Raises:
+    ValueError, TypeError: see above.
+
   References:
     Nakajima, Sugiyama, Babacan, Tomioka, Global Analytic Solution of
     Fully-observed Variational Bayesian Matrix Factorization, JMLR 14, 2013.
   """
   if method not in METHODS:
     raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+  dtype = _check_matrix(y)
+  _check_concrete_input(y, sigma2, dtype)
   return _evbmf_matrix(y, sigma2, method)[0]
 
 
@@ -581,8 +727,11 @@ def _network_evbmf(sources, kinds, groups, method):
     method: 'auto', 'gram' or 'svd'.
 
   Returns:
-    ``{dtype: (rank (N,), sigma2 (N,), threshold (N,), gamma (N, P))}`` for
-    the N matrices of that dtype in group order, gamma zero-padded to P.
+    ``{dtype: (rank (N,), sigma2 (N,), threshold (N,), gamma (N, P),
+    e (N,))}`` for the N matrices of that dtype in group order, gamma
+    zero-padded to P. sigma2 and the threshold are those of the matrix
+    times ``2**-e`` (multiply by ``2**(2e)`` and ``2**e``); gamma is
+    rescaled. A matrix with NaN / Inf entries has rank -1 and NaN gamma.
   """
   global _TRACE_COUNT
   _TRACE_COUNT += 1
@@ -598,7 +747,7 @@ def _network_evbmf(sources, kinds, groups, method):
   # Spectra per shape group (static shapes), then ONE vmapped EVBMF solve
   # for all matrices: spectra zero-padded to the longest, true L and M
   # passed as data (zero padding adds nothing to any sum of the free energy).
-  lams, scales, sizes = {}, {}, {}
+  lams, exps, finites, sizes = {}, {}, {}, {}
   for (big_l, big_m, dtype), members in groups:
     stack = jnp.stack([
         _matrix(kernels[i], kinds[i][1][m]) for i, m in members])
@@ -606,26 +755,38 @@ def _network_evbmf(sources, kinds, groups, method):
     # into XLA's intra-op thread pool and blocks the worker until it is
     # done; two such calls at once (independent groups) wedged a 2-thread
     # pool for good. One matrix per call runs inline.
-    lam, scale = jax.lax.map(functools.partial(_spectrum, method=method),
-                             stack)
+    lam, e, finite = jax.lax.map(
+        functools.partial(_spectrum, method=method), stack)
     lams.setdefault(dtype, []).append(lam)
-    scales.setdefault(dtype, []).append(scale)
+    exps.setdefault(dtype, []).append(e)
+    finites.setdefault(dtype, []).append(finite)
     sizes.setdefault(dtype, []).extend([(big_l, big_m)] * len(members))
   out = {}
   for dtype, parts in lams.items():
     width = max(p.shape[1] for p in parts)
     lam = jnp.concatenate([jnp.pad(p, ((0, 0), (0, width - p.shape[1])))
                            for p in parts])
-    scale = jnp.concatenate(scales[dtype])
+    e = jnp.concatenate(exps[dtype])
+    finite = jnp.concatenate(finites[dtype])
     big_l, big_m = (jnp.asarray(a, dtype) for a in zip(*sizes[dtype]))
 
-    def solve(lam, big_l, big_m, scale):
+    def solve(lam, big_l, big_m, e, finite):
       res, gamma = _evbmf_sq(lam, big_l, big_m)
-      return (res.rank, res.sigma2 * scale * scale, res.threshold * scale,
-              gamma * scale)
+      # sigma2 and the threshold stay normalized (the host rescales them in
+      # float64, see vbmf_ranks); rank -1 marks a non-finite matrix.
+      return (jnp.where(finite, res.rank, -1), res.sigma2, res.threshold,
+              jnp.where(finite, _ldexp(gamma, e), jnp.nan), e)
 
-    out[dtype] = jax.vmap(solve)(lam, big_l, big_m, scale)
+    out[dtype] = jax.vmap(solve)(lam, big_l, big_m, e, finite)
   return out
+
+
+def _host_ldexp(x: float, k: int) -> float:
+  """``x * 2**k`` as a Python float (float64); inf where that overflows."""
+  try:
+    return math.ldexp(x, k)
+  except OverflowError:
+    return math.copysign(math.inf, x)
 
 
 def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
@@ -680,13 +841,16 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
     matrices come from), ``matrices`` ((rows, cols) per mode: C_in x kh kw
     C_out, C_out x kh kw C_in, or rows x C_out), ``current`` (R per mode),
     ``min_rank`` (per mode, clamped), ``vbmf``, ``weakened``, ``sigma2``,
-    ``threshold`` (tuples per mode) and ``singular_values`` (list of numpy
+    ``threshold`` (tuples per mode; Python floats rescaled in float64, so
+    they neither over- nor underflow for float32 layers) and ``singular_values`` (list of numpy
     arrays per mode, largest first).
 
   Raises:
     ValueError: weaken outside [0, 1]; a min_rank <= 0 or a min_rank rule
-      matching no layer; a selected layer with NaN / Inf (naming it); a
-      selection rule matching no layer.
+      matching no layer; a selected layer with NaN / Inf (naming its path
+      and the variable); a layer whose matrix is not finite although its
+      variables are (a factorized form whose product overflows; naming the
+      layer and mode); a selection rule matching no layer.
 
   References:
     Nakajima et al., JMLR 14, 2013 (EVBMF); Gusak et al., ICCV Workshops 2019
@@ -730,11 +894,23 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
 
   per_mode, row = {}, {}
   for (big_l, _, dtype), members in groups:
-    rank, sigma2, thr, gamma = out[dtype]
+    rank, sigma2, thr, gamma, e = out[dtype]
     for i, m in members:
       j = row.setdefault(dtype, 0)
       row[dtype] += 1
-      per_mode[(i, m)] = (int(rank[j]), float(sigma2[j]), float(thr[j]),
+      if rank[j] < 0:
+        layer = plan[i]
+        rows, cols = layer.matrices[m]
+        raise ValueError(
+            f'layer {layer.path!r}: its {rows} x {cols} matrix of mode '
+            f'{layer.modes[m]!r} has non-finite (NaN or Inf) entries although '
+            f'the layer\'s variables are finite: building it from the '
+            f'{layer.form!r} form ({layer.source}) overflowed {dtype}')
+      # Rescaled in float64: exact for every float32 layer, where the
+      # device's float32 sigma2 may over- or underflow (see evbmf).
+      per_mode[(i, m)] = (int(rank[j]), _host_ldexp(float(sigma2[j]),
+                                                    2 * int(e[j])),
+                          _host_ldexp(float(thr[j]), int(e[j])),
                           np.asarray(gamma[j, :big_l]))
   ranks, details = {}, {}
   for i, layer in enumerate(plan):

@@ -414,3 +414,51 @@ def test_nnx_tied_and_unsupported_layers_are_errors():
     lj.tucker2_split(m, (2, 2), select='masked')
   assert isinstance(m.a, nnx.Conv)
   np.testing.assert_array_equal(m.a.kernel[...], kernel)
+
+
+# ------------------------------------------------------------- the jobs ---
+
+
+@pytest.mark.parametrize('factory,pipeline', [
+    ('own_models:example_resnet', 'direct'),
+    ('own_models:nnx_cnn', 'he2024'),
+])
+def test_jobs_run_on_a_users_factory(factory, pipeline, tmp_path, fmnist):
+  """train -> compress -> fine-tune on real Fashion-MNIST, a user's model."""
+  del fmnist
+  import json
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  from lowrank_jax import pipelines  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.model = factory
+  config.pipeline = pipeline
+  config.num_epochs = 1
+  config.train_subset = 1024
+  config.test_subset = 500
+  config.progress = False
+  config.finetune.num_epochs = 1
+  config.he2024.num_epochs = 1
+  config.compress.rank_rule = 'flops_ratio'
+  config.compress.target_ratio = 1.5
+  config.compress.min_rank_kxk = 2
+  config.compress.min_rank_dense = 2
+  summary = getattr(pipelines, f'run_{pipeline}')(config, str(tmp_path))
+  assert summary['stages'][-1]['name'] == 'finetune'
+  assert summary['flops_ratio'] >= 1.45
+  report = json.loads((tmp_path / 'report.json').read_text())
+  split = [p for p, d in report['layers'].items()
+           if d.get('compress', {}).get('form_after') in ('tucker2', 'svd')]
+  assert split, report['layers']
+  assert 0.1 < summary['stages'][-1]['test_accuracy'] <= 1.0
+
+
+def test_bad_factories_are_named():
+  with pytest.raises(ValueError, match="'no_such_module'"):
+    lj.get_model('no_such_module:factory')
+  with pytest.raises(ValueError, match="'missing'"):
+    lj.get_model('own_models:missing')
+  with pytest.raises(ValueError, match='not a flax.linen Module'):
+    lj.get_model('builtins:dict')
