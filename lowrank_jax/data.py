@@ -191,7 +191,9 @@ def _records_to_arrays(source) -> tuple[np.ndarray, np.ndarray]:
   images = np.stack([np.asarray(r['image'], np.uint8) for r in records])
   if images.ndim == 3:
     images = images[..., None]
-  labels = np.asarray([r['label'] for r in records], np.int32)
+  # Kept in their own integer dtype: load_dataset checks their range before
+  # the int32 cast (which would wrap out-of-range values silently).
+  labels = np.asarray([r['label'] for r in records])
   return images, labels
 
 
@@ -244,6 +246,49 @@ def _load_tfds(name: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
 # Public API.
 
 
+def _check_labels(labels: np.ndarray, num_classes: int, *, dataset: str,
+                 split: str, num_images: int | None = None) -> np.ndarray:
+  """Validates class labels and returns them as (N,) int32.
+
+  Every loader goes through this (:func:`load_dataset` calls it on the train
+  and test arrays of both the IDX and the TFDS path), so a label outside
+  ``[0, num_classes)`` fails at load instead of turning the cross-entropy
+  into NaN (or silently into garbage) during training.
+
+  Args:
+    labels: (N,) labels, any integer dtype.
+    num_classes: Number of classes of the dataset.
+    dataset: Dataset name, for the message.
+    split: Split name, for the message.
+    num_images: If given, the number of images the labels belong to.
+
+  Returns:
+    ``labels`` as int32 (a copy only if the dtype differs).
+
+  Raises:
+    ValueError: Labels not a 1-D integer array, not one per image, or a label
+      < 0 or >= ``num_classes``; the message names the dataset, the split,
+      the first offending label value and its index.
+  """
+  where = f'dataset {dataset!r}, split {split!r}'
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f'{where}: labels must be 1-D, got shape {labels.shape}')
+  if labels.size and not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'{where}: labels must be integers, got dtype '
+                     f'{labels.dtype}')
+  if num_images is not None and len(labels) != num_images:
+    raise ValueError(f'{where}: {num_images} images but {len(labels)} labels')
+  bad = (labels < 0) | (labels >= num_classes)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(
+        f'{where}: label {labels[i].item()} at index {i} is outside [0, '
+        f'{num_classes}) ({int(bad.sum())} of {len(labels)} labels out of '
+        f'range; labels seen: {labels.min().item()}..{labels.max().item()})')
+  return labels.astype(np.int32, copy=False)
+
+
 def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel mean/std of uint8 (N, H, W, C) images scaled to [0, 1].
 
@@ -285,7 +330,9 @@ def load_dataset(name: str = 'fashion_mnist_local', *, validation_size: int = 50
     (C,) float32 over the post-split, post-subset train images in [0, 1].
 
   Raises:
-    ValueError: Unknown name, bad sizes, or a corrupt IDX file.
+    ValueError: Unknown name, bad sizes, a corrupt IDX file, or a label
+      outside ``[0, num_classes)`` (naming the dataset, split and label; see
+      :func:`_check_labels`).
     DatasetUnavailableError: The data cannot be found or downloaded.
   """
   if name not in DATASETS:
@@ -294,6 +341,11 @@ def load_dataset(name: str = 'fashion_mnist_local', *, validation_size: int = 50
     tx, ty, sx, sy = _load_local(data_dir)
   else:
     tx, ty, sx, sy = _load_tfds(name, data_dir)
+  num_classes = DATASETS[name].num_classes
+  ty = _check_labels(ty, num_classes, dataset=name, split='train',
+                    num_images=len(tx))
+  sy = _check_labels(sy, num_classes, dataset=name, split='test',
+                    num_images=len(sx))
   if not 0 <= validation_size < len(ty):
     raise ValueError(f'validation_size={validation_size} must be in [0, {len(ty)})')
   perm = np.random.default_rng(seed).permutation(len(ty))
@@ -306,7 +358,7 @@ def load_dataset(name: str = 'fashion_mnist_local', *, validation_size: int = 50
   test = Split(sx[:test_subset], sy[:test_subset])
   mean, std = _channel_stats(train.images)
   return Dataset(train, Split(tx[val_idx], ty[val_idx]), test,
-                 DATASETS[name].num_classes, mean, std, name)
+                 num_classes, mean, std, name)
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = True) -> int:

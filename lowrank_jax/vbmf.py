@@ -385,11 +385,14 @@ def _check_concrete_input(y, sigma2, dtype):
   if sigma2 is not None and not isinstance(sigma2, jax.core.Tracer):
     compute = _compute_dtype(dtype)
     try:
-      value = np.asarray(jax.device_get(sigma2))
-      ok = (value.ndim == 0 and value.dtype.kind in 'biuf'
-            and bool(np.isfinite(value)) and value.astype(compute) > 0)
-    except (TypeError, ValueError):
-      ok = False
+      value = np.asarray(jax.device_get(sigma2), np.float64)
+    except (TypeError, ValueError):  # strings, complex, ragged ...
+      value = None
+    ok = value is not None and value.ndim == 0
+    if ok:
+      with np.errstate(over='ignore', under='ignore'):
+        cast = value.astype(compute)  # 1e300 / 1e-50 do not fit float32.
+      ok = bool(np.isfinite(cast)) and bool(cast > 0)
     if not ok:
       raise ValueError(f'sigma2 must be a positive finite scalar (in '
                        f'{compute.name}), got {sigma2!r}')
@@ -842,8 +845,8 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
     C_out, C_out x kh kw C_in, or rows x C_out), ``current`` (R per mode),
     ``min_rank`` (per mode, clamped), ``vbmf``, ``weakened``, ``sigma2``,
     ``threshold`` (tuples per mode; Python floats rescaled in float64, so
-    they neither over- nor underflow for float32 layers) and ``singular_values`` (list of numpy
-    arrays per mode, largest first).
+    they neither over- nor underflow for float32 layers) and
+    ``singular_values`` (list of numpy arrays per mode, largest first).
 
   Raises:
     ValueError: weaken outside [0, 1]; a min_rank <= 0 or a min_rank rule

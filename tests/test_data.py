@@ -294,3 +294,90 @@ def test_tfds_records_are_stacked(monkeypatch):
   assert ds.test.labels.dtype == np.int32
   np.testing.assert_array_equal(ds.test.labels, [0, 1, 2, 3])
   np.testing.assert_array_equal(ds.test.images[:, 0, 0, 0], [0, 1, 2, 3])
+
+
+# ---------------------------------------------------------------- Labels.
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.int8, np.int32, np.int64,
+                                   np.uint64])
+def test_check_labels_accepts_valid_labels(dtype):
+  labels = np.array([0, 3, 9, 9, 1], dtype)
+  out = data._check_labels(labels, 10, dataset='d', split='train',
+                           num_images=5)
+  assert out.dtype == np.int32
+  np.testing.assert_array_equal(out, [0, 3, 9, 9, 1])
+  empty = data._check_labels(np.zeros(0), 10, dataset='d', split='test')
+  assert empty.dtype == np.int32 and empty.shape == (0,)
+
+
+@pytest.mark.parametrize('labels,num_classes,bad,index', [
+    ([0, 1, 10, 2], 10, 10, 2),             # == num_classes
+    ([0, -1, 3], 10, -1, 1),                # negative
+    ([5, 99, 100, 255], 100, 100, 2),       # cifar100's boundary
+    (np.array([255, 0], np.uint8), 10, 255, 0),
+    # Would wrap to 1 in an int32 cast: caught before casting.
+    (np.array([3, 2**32 + 1], np.int64), 10, 2**32 + 1, 1),
+])
+def test_check_labels_names_dataset_split_and_label(labels, num_classes, bad,
+                                                    index):
+  with pytest.raises(ValueError) as e:
+    data._check_labels(np.asarray(labels), num_classes, dataset='cifar100',
+                       split='test')
+  msg = str(e.value)
+  assert "dataset 'cifar100', split 'test'" in msg
+  assert f'label {bad} at index {index}' in msg
+  assert f'[0, {num_classes})' in msg
+
+
+@pytest.mark.parametrize('labels,num_images,match', [
+    (np.array([0.0, 1.0]), 2, 'integers'),
+    (np.zeros((2, 1), np.int32), 2, '1-D'),
+    (np.zeros(3, np.int32), 4, '4 images but 3 labels'),
+])
+def test_check_labels_rejects_malformed_labels(labels, num_images, match):
+  with pytest.raises(ValueError, match=match) as e:
+    data._check_labels(labels, 10, dataset='mnist', split='train',
+                       num_images=num_images)
+  assert "'mnist'" in str(e.value) and "'train'" in str(e.value)
+
+
+@pytest.mark.parametrize('name,loader', [('fashion_mnist_local', '_load_local'),
+                                         ('cifar100', '_load_tfds')])
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_load_dataset_checks_labels_of_every_source(monkeypatch, name, loader,
+                                                    split):
+  """Both loaders' arrays pass through the label check (small synthetic
+  arrays from a stubbed loader; no dataset files involved)."""
+  num_classes = data.DATASETS[name].num_classes
+  h, w, c = data.DATASETS[name].image_shape
+  images = np.zeros((8, h, w, c), np.uint8)
+  good = np.arange(8, dtype=np.int64) % num_classes
+  bad = good.copy()
+  bad[5] = num_classes
+  arrays = {'train': (images, good), 'test': (images, good)}
+  arrays[split] = (images, bad)
+
+  def fake(*args):
+    del args
+    return (*arrays['train'], *arrays['test'])
+
+  monkeypatch.setattr(data, loader, fake)
+  with pytest.raises(ValueError) as e:
+    data.load_dataset(name, validation_size=2)
+  msg = str(e.value)
+  assert repr(name) in msg and repr(split) in msg
+  assert f'label {num_classes} at index 5' in msg
+  arrays[split] = (images, good)
+  ds = data.load_dataset(name, validation_size=2)
+  assert ds.train.labels.dtype == ds.test.labels.dtype == np.int32
+  np.testing.assert_array_equal(ds.test.labels, good)
+
+
+def test_tfds_records_keep_label_values_for_the_check():
+  records = [{'image': np.zeros((2, 2), np.uint8), 'label': np.int64(v)}
+             for v in (1, 2**32 + 1)]
+  _, labels = data._records_to_arrays(records)
+  assert labels.tolist() == [1, 2**32 + 1]   # not wrapped to 1 by a cast
+  with pytest.raises(ValueError, match=f'label {2**32 + 1}'):
+    data._check_labels(labels, 10, dataset='mnist', split='train')

@@ -11,6 +11,7 @@ searches globally).
 import copy
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,7 @@ def planted(shape, rank, *, seed=0, noise=1.0, strength=(3.0, 8.0)):
 
 _jit_evbmf = jax.jit(vbmf.evbmf, static_argnames='method')
 _jit_vmap_evbmf = jax.jit(jax.vmap(vbmf.evbmf))
+_jit_evbmf_sigma2 = jax.jit(lambda y, s: vbmf.evbmf(y, sigma2=s))
 
 REF_CASES = [  # (shape, planted rank)
     ((5, 7), 1), ((7, 5), 1), ((20, 20), 4), ((40, 100), 8), ((100, 40), 8),
@@ -232,6 +234,149 @@ def test_evbmf_rejects_bad_input():
     vbmf.evbmf(jnp.zeros((2, 3, 4)))
   with pytest.raises(ValueError, match='method'):
     vbmf.evbmf(jnp.zeros((2, 3)), method='qr')
+
+
+# ---------------------------------------------------------------------------
+# Numerical hygiene: non-finite, extreme scales, invalid arguments.
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize('index', [(0, 0), (17, 3), (47, 119)])
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])
+def test_evbmf_rejects_non_finite(value, index, dtype):
+  y = planted((48, 120), 7, seed=6).astype(dtype)
+  y[index] = value
+  with pytest.raises(ValueError, match='non-finite') as e:
+    vbmf.evbmf(jnp.asarray(y))
+  assert f'first at index {index}' in str(e.value)
+  assert '(48, 120)' in str(e.value)
+  with pytest.raises(ValueError, match='non-finite'):
+    vbmf.evbmf(y)  # NumPy input too
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
+def test_traced_non_finite_is_flagged_not_rank_zero(value):
+  """Under jit / vmap no host check is possible: rank -1 and NaN instead."""
+  good = planted((24, 60), 4, seed=7).astype(np.float32)
+  bad = good.copy()
+  bad[3, 5] = value
+  res = _jit_evbmf(jnp.asarray(bad))
+  assert int(res.rank) == -1
+  assert np.isnan(float(res.sigma2)) and np.isnan(float(res.threshold))
+  assert np.all(np.isnan(np.asarray(res.shrunk)))
+  given = _jit_evbmf_sigma2(jnp.asarray(bad), 1.0)
+  assert int(given.rank) == -1 and np.isnan(float(given.sigma2))
+  # vmap: only the bad matrix is flagged, its neighbour is unaffected.
+  batched = _jit_vmap_evbmf(jnp.asarray(np.stack([good, bad])))
+  assert list(np.asarray(batched.rank)) == [4, -1]
+  assert np.isfinite(batched.sigma2[0]) and np.isnan(batched.sigma2[1])
+  np.testing.assert_allclose(batched.sigma2[0], vbmf.evbmf(good).sigma2,
+                             rtol=1e-5)
+
+
+def _expected_saturated(exact, dtype):
+  """What evbmf returns for a true value ``exact`` (documented in evbmf)."""
+  info = np.finfo(dtype)
+  if exact > float(info.max):
+    return np.inf
+  return 0.0 if exact < float(info.tiny) else exact
+
+
+@pytest.mark.parametrize('dtype,scales', [
+    ('float32', [1e-20, 1e-12, 1.0, 1e12, 1e20, 1e30, 'top']),
+    ('float64', [1e-150, 1e-100, 1.0, 1e100, 1e150, 1e250, 'top']),
+])
+def test_scale_invariance_over_the_whole_range(dtype, scales):
+  """rank(c y) == rank(y) from tiny c up to max|c y| ~ float max (1e38 for
+  float32); sigma2 / c^2 and threshold / c are invariant wherever the true
+  value is a normal number, and inf / 0 (not garbage) where it is not."""
+  y = planted((48, 120), 7, seed=6)
+  top = 0.95 * np.finfo(dtype).max / np.abs(y).max()  # max|c y| ~ 3.2e38
+  scales = np.array([top if c == 'top' else c for c in scales])
+  with jax.enable_x64(dtype == 'float64'):
+    stack = np.stack([(c * y).astype(dtype) for c in scales])
+    assert np.all(np.isfinite(stack))
+    res = jax.device_get(_jit_vmap_evbmf(jnp.asarray(stack)))
+    eager = [vbmf.evbmf(jnp.asarray(m)) for m in stack[[0, -1]]]
+  assert res.sigma2.dtype == np.dtype(dtype)
+  assert list(res.rank) == [7] * len(scales)
+  base = scales == 1.0
+  sigma2, thr = float(res.sigma2[base][0]), float(res.threshold[base][0])
+  tol = 1e-4 if dtype == 'float32' else 1e-9
+  for i, c in enumerate(scales):
+    c = float(c)
+    for got, exact in ((res.sigma2[i], sigma2 * c * c),
+                       (res.threshold[i], thr * c)):
+      want = _expected_saturated(exact, dtype)
+      if np.isfinite(want) and want > 0:
+        np.testing.assert_allclose(got, want, rtol=tol, err_msg=f'c={c}')
+      else:
+        assert got == want, (c, got, exact)
+    if scales[i] != top:
+      shrunk = res.shrunk[i].astype(np.float64) / c
+      np.testing.assert_allclose(shrunk, res.shrunk[base][0], rtol=10 * tol,
+                                 atol=10 * tol * res.shrunk[base][0][0])
+  if dtype == 'float32':  # the two ends saturate (documented)
+    assert res.sigma2[0] == 0.0 and res.sigma2[-1] == np.inf
+    assert np.isfinite(res.threshold[0]) and res.threshold[0] > 0
+  for r, i in zip(eager, (0, -1)):
+    assert int(r.rank) == 7
+    assert float(r.sigma2) == res.sigma2[i]
+
+
+def test_largest_singular_value_near_float32_max():
+  """gamma_1 = 1e38 (the largest float32 spectrum there is): rank, threshold
+  and shrunk values are finite and scale exactly; only sigma2 (~c^2)
+  saturates to inf."""
+  y = planted((48, 120), 7, seed=6)
+  c = 1e38 / np.linalg.svd(y, compute_uv=False)[0]
+  base = vbmf.evbmf(jnp.asarray(y, jnp.float32))
+  big = vbmf.evbmf(jnp.asarray(y * c, jnp.float32))
+  assert int(base.rank) == int(big.rank) == 7
+  assert float(big.sigma2) == np.inf
+  assert np.isfinite(float(big.threshold))
+  assert np.all(np.isfinite(np.asarray(big.shrunk)))
+  np.testing.assert_allclose(float(big.threshold) / c, base.threshold,
+                             rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(big.shrunk, np.float64) / c,
+                             base.shrunk, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('sigma2', [0.0, -1.0, -0.0, np.nan, np.inf, 1e-50,
+                                    1e300, 1j, 'x', np.ones(2)])
+def test_evbmf_rejects_bad_sigma2(sigma2):
+  y = jnp.asarray(planted((20, 30), 3, seed=1), jnp.float32)
+  with pytest.raises(ValueError, match='sigma2'):
+    vbmf.evbmf(y, sigma2=sigma2)
+
+
+@pytest.mark.parametrize('sigma2', [0.0, -2.0, np.nan, np.inf])
+def test_traced_bad_sigma2_is_flagged(sigma2):
+  y = jnp.asarray(planted((20, 30), 3, seed=1), jnp.float32)
+  res = _jit_evbmf_sigma2(y, sigma2)
+  assert int(res.rank) == -1
+  assert np.isnan(float(res.sigma2)) and np.isnan(float(res.threshold))
+  ok = _jit_evbmf_sigma2(y, 1.0)
+  assert int(ok.rank) == int(vbmf.evbmf(y, sigma2=1.0).rank) >= 0
+
+
+@pytest.mark.parametrize('dtype', [np.complex64, np.complex128])
+def test_evbmf_rejects_complex(dtype):
+  y = (planted((10, 20), 2, seed=2) * (1 + 1j)).astype(dtype)
+  with pytest.raises(TypeError, match='real'):
+    vbmf.evbmf(y)
+  with pytest.raises(TypeError, match='complex'):
+    _jit_evbmf(jnp.asarray(y))  # static dtype: rejected under jit too
+
+
+@pytest.mark.parametrize('shape', [(0, 5), (5, 0), (0, 0)])
+def test_evbmf_rejects_empty(shape):
+  pattern = re.escape(str(shape))
+  with pytest.raises(ValueError, match=pattern) as e:
+    vbmf.evbmf(jnp.zeros(shape))
+  assert 'empty' in str(e.value)
+  with pytest.raises(ValueError, match=pattern):
+    _jit_evbmf(jnp.zeros(shape))
 
 
 # ---------------------------------------------------------------------------
@@ -421,14 +566,59 @@ def test_vbmf_ranks_selection_and_factorized_forms(resnet20):
   assert 3 <= ranks['head'][0] <= 5
 
 
-def test_vbmf_ranks_names_a_non_finite_layer(resnet20):
+@pytest.mark.parametrize('path,name,value', [
+    ('stage2_block1/conv2', 'kernel', np.nan),
+    ('stage3_block0/shortcut', 'kernel', np.inf),
+    ('head', 'kernel', -np.inf),
+    ('head', 'bias', np.nan),
+])
+def test_vbmf_ranks_names_a_non_finite_layer(resnet20, path, name, value):
   params, rebuild = tree.split_variables(resnet20)
-  kernel = np.array(tree.get_layer(params, 'stage2_block1/conv2')['kernel'])
-  kernel[0, 0, 0, 0] = np.nan
-  bad = rebuild(tree.replace_layers(
-      params, {'stage2_block1/conv2': {'kernel': kernel}}))
-  with pytest.raises(ValueError, match='stage2_block1/conv2'):
+  layer = dict(tree.get_layer(params, path))
+  arr = np.array(layer[name])
+  arr.flat[1] = value
+  layer[name] = arr
+  bad = rebuild(tree.replace_layers(params, {path: layer}))
+  with pytest.raises(ValueError, match='non-finite') as e:
     vbmf.vbmf_ranks(bad)
+  assert repr(path) in str(e.value) and repr(name) in str(e.value)
+  # Also when only that layer is selected.
+  with pytest.raises(ValueError, match=re.escape(repr(path))):
+    vbmf.vbmf_ranks(bad, select=path)
+
+
+def test_vbmf_ranks_names_a_layer_whose_product_overflows(resnet20):
+  """Finite svd factors whose product overflows float32: named, not rank 0."""
+  params, rebuild = tree.split_variables(resnet20)
+  head = dict(svd_form.from_kernel(tree.get_layer(params, 'head')['kernel'],
+                                   5))
+  head['u'] = np.asarray(head['u']) * np.float32(1e25)
+  head['v'] = np.asarray(head['v']) * np.float32(1e25)
+  bad = rebuild(tree.replace_layers(params, {'head': head}))
+  with pytest.raises(ValueError, match='overflowed') as e:
+    vbmf.vbmf_ranks(bad, select='head')
+  assert "'head'" in str(e.value) and "'svd'" in str(e.value)
+
+
+@pytest.mark.parametrize('scale', [1e-25, 1e25])
+def test_vbmf_ranks_reports_sigma2_beyond_float32(resnet20, scale):
+  """Details rescale sigma2 on the host in float64: a layer scaled so that
+  its float32 sigma2 would under- / overflow keeps rank and sigma2 / c^2."""
+  params, rebuild = tree.split_variables(resnet20)
+  base = vbmf.vbmf_ranks(resnet20, select='head', return_details=True)[1]
+  head = dict(tree.get_layer(params, 'head'))
+  head['kernel'] = (np.asarray(head['kernel'], np.float64) * scale
+                    ).astype(np.float32)
+  scaled = rebuild(tree.replace_layers(params, {'head': head}))
+  got = vbmf.vbmf_ranks(scaled, select='head', return_details=True)[1]
+  assert got['head']['vbmf'] == base['head']['vbmf'] == PLANTED['head']
+  s2, b2 = got['head']['sigma2'][0], base['head']['sigma2'][0]
+  assert 0 < s2 < np.inf
+  assert not float(np.finfo(np.float32).tiny) < s2 < float(
+      np.finfo(np.float32).max)
+  np.testing.assert_allclose(s2 / scale ** 2, b2, rtol=1e-4)
+  np.testing.assert_allclose(got['head']['threshold'][0] / scale,
+                             base['head']['threshold'][0], rtol=1e-4)
 
 
 def test_vbmf_ranks_is_one_compiled_call(resnet20):
