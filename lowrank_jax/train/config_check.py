@@ -1,0 +1,128 @@
+"""Checks of a training config, and the multi-host start-up it may ask for."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from lowrank_jax import data as data_lib
+from lowrank_jax import models as models_lib
+from lowrank_jax.train.errors import ConfigError
+from lowrank_jax.train.optim import OPTIMIZERS, SCHEDULES
+
+_BOOL_FIELDS = ('augment', 'nesterov', 'progress', 'distributed')
+
+
+def _get(config, name):
+  """``config[name]``; a :class:`ConfigError` naming it when it is missing."""
+  if name not in config:
+    raise ConfigError(f'config.{name} is missing')
+  return config[name]
+
+
+def _choice(config, name, allowed):
+  """Checks that ``config[name]`` is one of ``allowed``."""
+  value = _get(config, name)
+  if value not in allowed:
+    raise ConfigError(f'config.{name}={value!r} is not one of '
+                      f'{sorted(allowed)}')
+
+
+def _integer(config, name, low, optional=False):
+  """Checks that ``config[name]`` is an integer >= ``low`` (or None when
+  ``optional``)."""
+  value = _get(config, name)
+  if value is None and optional:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ConfigError(f'config.{name}={value!r} must be an integer')
+  if value < low:
+    raise ConfigError(f'config.{name}={value} must be >= {low}')
+
+
+def _real(config, name, low, high=math.inf, optional=False, open_low=False):
+  """Checks that ``config[name]`` is a finite number in ``[low, high]`` (or
+  ``(low, high]`` when ``open_low``; or None when ``optional``)."""
+  value = _get(config, name)
+  if value is None and optional:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(f'config.{name}={value!r} must be a number')
+  if not math.isfinite(value) or value < low or value > high or (
+      open_low and value == low):
+    bound = f'> {low}' if open_low else f'>= {low}'
+    if high != math.inf:
+      bound += f' and <= {high}'
+    raise ConfigError(f'config.{name}={value} must be {bound}')
+
+
+def validate_config(config: ml_collections.ConfigDict, *,
+                    num_devices: Optional[int] = None) -> None:
+  """Checks the training fields of a config before any time is spent.
+
+  Args:
+    config: a ConfigDict as made by ``configs/*.py``.
+    num_devices: devices the batch is split over (default
+      ``jax.device_count()``); batch sizes must divide by it.
+
+  Raises:
+    ConfigError: naming the first missing or bad field and the allowed values.
+  """
+  _choice(config, 'dataset', data_lib.DATASETS)
+  if ':' not in str(config.get('model', '')):
+    _choice(config, 'model', models_lib.MODELS)
+  _choice(config, 'optimizer', OPTIMIZERS)
+  _choice(config, 'schedule', SCHEDULES)
+  _integer(config, 'batch_size', 1)
+  _integer(config, 'eval_batch_size', 1)
+  _integer(config, 'num_epochs', 0)
+  _integer(config, 'validation_size', 0)
+  _integer(config, 'train_subset', 1, optional=True)
+  _integer(config, 'test_subset', 1, optional=True)
+  _integer(config, 'max_steps', 0, optional=True)
+  _integer(config, 'early_stopping_patience', 0, optional=True)
+  _integer(config, 'seed', 0)
+  _integer(config, 'pad_crop', 0)
+  _integer(config, 'log_every_steps', 1)
+  _integer(config, 'checkpoint_every_steps', 0)
+  _integer(config, 'keep_checkpoints', 1)
+  _real(config, 'learning_rate', 0.0, open_low=True)
+  _real(config, 'momentum', 0.0, 1.0)
+  _real(config, 'weight_decay', 0.0)
+  _real(config, 'grad_clip', 0.0, optional=True, open_low=True)
+  _real(config, 'warmup_epochs', 0.0)
+  _real(config, 'lr_end_factor', 0.0, 1.0)
+  for name in _BOOL_FIELDS:
+    if not isinstance(_get(config, name), bool):
+      raise ConfigError(
+          f'config.{name}={_get(config, name)!r} must be True or False')
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % num_devices:
+      raise ConfigError(
+          f'config.{name}={config[name]} must be divisible by the number of '
+          f'devices ({num_devices}): each device gets an equal shard')
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Calls ``jax.distributed.initialize()`` when ``config.distributed``.
+
+  Must run before anything touches the devices. On Cloud TPU, SLURM, Open MPI
+  and Kubernetes the cluster is detected automatically; elsewhere set on every
+  host ``JAX_COORDINATOR_ADDRESS=host:port`` (process 0's address), and pass
+  the process count and index through the cluster's variables (e.g. SLURM's
+  ``SLURM_NTASKS``/``SLURM_PROCID``, Open MPI's ``OMPI_COMM_WORLD_SIZE``/
+  ``OMPI_COMM_WORLD_RANK``); ``JAX_LOCAL_DEVICE_IDS`` restricts the local
+  devices. Every process then runs the same command; each loads the data,
+  iterates the same global batches and feeds its devices' shards.
+  Idempotent: a second call is a no-op.
+  """
+  if not config.get('distributed', False):
+    return
+  if jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize()
