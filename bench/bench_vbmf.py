@@ -207,7 +207,7 @@ def main(argv=None):
   details = None
   for method in ('auto',) + (('svd',) if args.svd else ()):
     t = time.perf_counter()
-    ranks, details_m = vbmf.vbmf_ranks(params, return_details=True,
+    ranks, details_m = vbmf.vbmf_ranks(params, report=True,
                                        method=method)
     first = time.perf_counter() - t
     warm, _ = timed(lambda m=method: vbmf.vbmf_ranks(params, method=m),

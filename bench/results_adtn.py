@@ -138,7 +138,7 @@ def main():
         ranks[p] = max(1, math.ceil((d['params_after'] - bias) /
                                     (rows + cols)))
     svd = lj.svd_split(base, ranks)
-    svd_params = sum(lj.count_params(svd, per_layer=True)[p] for p in ranks)
+    svd_params = sum(lj.count_params(svd, report=True)[1][p] for p in ranks)
     dataset = training.load_dataset(config)
     model = lj.get_model(model_name, num_classes=dataset.num_classes)
     svd_before = pipelines.evaluate_variables(model, svd, dataset)['accuracy']

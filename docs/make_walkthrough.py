@@ -74,7 +74,8 @@ print('baseline accuracy', accuracy(baseline))"""),
 
 `overparameterize` writes each conv as `op_in · op_core · op_out` whose product
 is exactly the kernel, so the function is unchanged at that moment."""),
-    ('code', """over = lj.overparameterize(variables, expansion=1.5, select=['conv.*', 'fc.*'])
+    ('code', """over = lj.overparameterize(variables, expansion=1.5, select=['conv.*', 'fc.*'],
+                          key=jax.random.PRNGKey(1))
 x = jnp.asarray(next(data.iterate_batches(ds.test, 8, mean=ds.mean, std=ds.std))[0])
 print('same function:', float(jnp.max(jnp.abs(lj.apply(model, over, x) - lj.apply(model, variables, x)))))
 print('forms:', lj.layer_forms(over))
@@ -87,7 +88,7 @@ print('over-parameterized accuracy', accuracy(dense))"""),
 
 `vbmf_ranks` computes every layer's ranks in one compiled call; convs get
 `(rank_in, rank_out)` from their two channel unfoldings."""),
-    ('code', """ranks, details = lj.vbmf_ranks(dense, select=['conv2', 'fc.*'], return_details=True)
+    ('code', """ranks, details = lj.vbmf_ranks(dense, select=['conv2', 'fc.*'], report=True)
 print(ranks)
 split = lj.decompose(dense, ranks)  # Tucker-2 for (R_in, R_out), SVD for (R,)
 print('forms:', lj.layer_forms(split))

@@ -10,28 +10,39 @@ new module that runs as it is.
 
 from lowrank_jax import forms
 from lowrank_jax.adtn import (adtn_encode, adtn_param_count, adtn_unshare,
-                              ADTNLayerAction, decode_time)
-from lowrank_jax.counting import count_flops, count_params, FlopsReport
-from lowrank_jax.runner import apply, bind_apply
+                              ADTNLayerAction, decode_time, DecodeTime)
+from lowrank_jax.counting import (count_flops, count_params, FlopsReport,
+                                  LayerFlops)
 from lowrank_jax.models import get_model, MODELS
 from lowrank_jax.nnx_surgery import FormLayer
 from lowrank_jax.penalties import orthogonal_penalty
-from lowrank_jax.speed import never_slower, round_ranks, time_layers
+from lowrank_jax.runner import apply, bind_apply, LayerCall
+from lowrank_jax.speed import (LayerTiming, never_slower, NeverSlowerReport,
+                               round_ranks, time_layers)
 from lowrank_jax.transforms import (collapse, cp_split, decompose,
-                                    layer_forms,
-                                    LayerAction, overparameterize, svd_split,
+                                    layer_forms, LayerAction,
+                                    overparameterize, svd_split,
                                     tucker2_split)
-from lowrank_jax.tree import layers, select_paths
+from lowrank_jax.tree import find_layers, select_paths
 from lowrank_jax.vbmf import evbmf, EVBMFResult, vbmf_ranks, weakened_rank
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'FlopsReport', 'FormLayer', 'apply', 'bind_apply', 'LayerAction', 'MODELS', 'collapse',
-    'count_flops', 'count_params', 'cp_split', 'decompose', 'forms', 'get_model',
-    'layer_forms', 'layers', 'orthogonal_penalty', 'overparameterize',
-    'select_paths', 'svd_split', 'tucker2_split', 'evbmf', 'EVBMFResult',
-    'vbmf_ranks', 'weakened_rank', 'adtn_encode', 'adtn_param_count',
-    'ADTNLayerAction', 'adtn_unshare', 'decode_time', 'never_slower',
-    'round_ranks', 'time_layers',
+    # running any model in any form
+    'apply', 'bind_apply', 'FormLayer', 'LayerCall',
+    # transforms
+    'collapse', 'cp_split', 'decompose', 'overparameterize', 'svd_split',
+    'tucker2_split', 'adtn_encode', 'adtn_unshare', 'LayerAction',
+    'ADTNLayerAction',
+    # ranks
+    'evbmf', 'EVBMFResult', 'vbmf_ranks', 'weakened_rank', 'round_ranks',
+    # trees
+    'find_layers', 'layer_forms', 'select_paths', 'forms',
+    # penalty, counting, speed
+    'orthogonal_penalty', 'count_flops', 'count_params', 'FlopsReport',
+    'LayerFlops', 'adtn_param_count', 'decode_time', 'DecodeTime',
+    'time_layers', 'LayerTiming', 'never_slower', 'NeverSlowerReport',
+    # the built-in models
+    'get_model', 'MODELS',
 ]

@@ -123,7 +123,7 @@ def adtn_encode(params, *, select=None, depth: Depth,
     steps: Adam steps per layer (0 keeps the initialisation). A step costs
       about three decodes: ~0.1-0.2 s for Q = 18, M = 4 on two CPU cores.
     learning_rate: peak Adam learning rate.
-    key: PRNG key of the init noise (default ``PRNGKey(0)``), folded with
+    key: PRNG key of the init noise (required), folded with
       the layer's index.
     min_size: smallest kernel size (entries) that is encoded.
     noise: std of the noise added to identity gates at init.
@@ -164,7 +164,9 @@ def adtn_encode(params, *, select=None, depth: Depth,
       _check_depth(d, p)
   elif not callable(depth):
     _check_depth(depth)
-  key = jax.random.PRNGKey(0) if key is None else key
+  if key is None:
+    raise TypeError('adtn_encode needs key=jax.random.PRNGKey(seed): the '
+                    'gates\' initial noise is drawn from it')
   if share:
     return _encode_shared(
         params, select=select, depth=depth, nonlinearity=nonlinearity,

@@ -15,21 +15,22 @@ from lowrank_jax import nnx_surgery
 from lowrank_jax import tree
 
 
-def count_params(params, *, per_layer: bool = False):
+def count_params(variables, *, report: bool = False):
   """Number of parameters (the ``params`` collection only).
 
   Args:
-    params: variables dict, bare params tree or ``nnx.Module``.
-    per_layer: return ``{layer path: count}`` (conv / dense layers only).
+    variables: variables dict, bare params tree or ``nnx.Module``.
+    report: also return ``{layer path: count}`` of the conv / dense layers.
 
   Returns:
-    An int, or a dict of ints.
+    An int; with ``report``, ``(total, per_layer)``.
   """
-  params, _ = tree.split_variables(params)
-  if per_layer:
-    return {p: int(sum(np.size(x) for x in v.values()))
-            for p, v in tree.layers(params).items()}
-  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+  params, _ = tree.split_variables(variables)
+  total = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+  if not report:
+    return total
+  return total, {p: int(sum(np.size(x) for x in v.values()))
+                 for p, v in tree.layers(params).items()}
 
 
 class LayerFlops(NamedTuple):

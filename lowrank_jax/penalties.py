@@ -27,8 +27,9 @@ def factor_orthogonality(f) -> jnp.ndarray:
   return jnp.sum((gram - jnp.eye(k, dtype=gram.dtype)) ** 2) / k
 
 
-def orthogonal_penalty(params, *, mask: Union[None, str, list,
-                                              Callable[[str], bool]] = None):
+def orthogonal_penalty(variables, *,
+                       select: Union[None, str, list,
+                                     Callable[[str], bool]] = None):
   """Sum over factor matrices of ``||F^T F - I||_F^2``, narrow side, per width.
 
   Every form declares its factor matrices (``FACTORS``): ``op_in``/``op_out``
@@ -37,8 +38,8 @@ def orthogonal_penalty(params, *, mask: Union[None, str, list,
   Jittable and differentiable; the train step adds ``weight * penalty``.
 
   Args:
-    params: variables dict or bare params tree.
-    mask: which layers count: None (all), selection rules (regexes, see
+    variables: variables dict, bare params tree or ``nnx.Module``.
+    select: which layers count: None (all), selection rules (regexes, see
       :func:`lowrank_jax.tree.select_paths`), or ``f(path) -> bool``.
 
   Returns:
@@ -48,14 +49,14 @@ def orthogonal_penalty(params, *, mask: Union[None, str, list,
     He, Jiang, Wu, arXiv:2408.16289 (2024); Bansal et al., Can We Gain More
     from Orthogonality Regularizations in Training Deep CNNs?, NeurIPS 2018.
   """
-  params, _ = tree.split_variables(params)
+  params, _ = tree.split_variables(variables)
   layers = tree.layers(params)
-  if mask is None:
+  if select is None:
     paths = list(layers)
-  elif callable(mask):
-    paths = [p for p in layers if mask(p)]
+  elif callable(select):
+    paths = [p for p in layers if select(p)]
   else:
-    paths = tree.select_paths(layers, mask)
+    paths = tree.select_paths(layers, select)
   total = jnp.zeros((), jnp.float32)
   for path in paths:
     variables = layers[path]

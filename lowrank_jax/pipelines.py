@@ -104,7 +104,7 @@ def choose_ranks(variables, *, model, input_shape, rule: str = 'vbmf',
   vb, vb_details = vbmf.vbmf_ranks(
       variables, select=[_exact(p) for p in paths] or ['(?!)'], weaken=w,
       min_rank={_exact(p): min(per_path_min[p]) for p in paths},
-      return_details=True) if paths else ({}, {})
+      report=True) if paths else ({}, {})
   if rule in ('params_ratio', 'flops_ratio'):
     chosen = rank_rules.ranks_for_ratio(
         geometry, metric=rule.split('_')[0], target=target_ratio, paths=paths,

@@ -63,7 +63,7 @@ def layer_geometry(model, variables, input_shape: Sequence[int]
   params, _ = tree.split_variables(variables)
   flops = counting.count_flops(model, variables,
                                (1,) + tuple(input_shape[1:]), train=False)
-  counts = counting.count_params(params, per_layer=True)
+  _, counts = counting.count_params(params, report=True)
   out = {}
   for path, v in tree.layers(params).items():
     if path not in flops.per_layer:

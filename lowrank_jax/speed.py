@@ -140,7 +140,7 @@ def round_rank(rank: int, multiple: int, *, bound: int,
   return min(out, bound)
 
 
-def round_ranks(ranks: Mapping[str, Any], params, multiple: int, *,
+def round_ranks(variables, ranks: Mapping[str, Any], multiple: int, *,
                 mode: str = 'up') -> dict[str, tuple[int, ...]]:
   """Rounds a ``{path: ranks}`` mapping (e.g. from VBMF) layer by layer.
 
@@ -149,19 +149,18 @@ def round_ranks(ranks: Mapping[str, Any], params, multiple: int, *,
   2-D or 1x1 kernel, C_out-side bound for one rank of a k x k kernel.
 
   Args:
+    variables: the tree or module whose layers the paths name (any forms).
     ranks: ``{path: int or tuple}``.
-    params: the tree whose layers the paths name (any forms).
     multiple: rounding multiple (8, 16, 32 ...).
     mode: see :func:`round_rank`.
 
   Returns:
     ``{path: tuple of rounded ranks}``.
   """
-  params, _ = tree.split_variables(params)
+  params, _ = tree.split_variables(variables)
   out = {}
   for path, r in ranks.items():
-    variables = tree.get_layer(params, path)
-    shape = jax.eval_shape(forms.to_kernel, variables).shape
+    shape = tree.kernel_shape(tree.get_layer(params, path))
     r = (int(r),) if np.ndim(r) == 0 else tuple(int(x) for x in r)
     if len(r) == 2:
       bounds = (shape[-2], shape[-1])

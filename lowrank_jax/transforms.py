@@ -108,6 +108,8 @@ def _apply(params, ranks, *, select, eligible, build, report):
                                  forms.get(before).ranks(variables),
                                  'no ranks given for this layer'))
       continue
+    if ranks is not None:
+      _ranks_for(ranks, path, variables)   # type errors before any work
     tree.check_finite(path, variables)
     out = build(path, variables)
     if 'bias' in variables:
@@ -233,7 +235,7 @@ def overparameterize(params, *, select=None, expansion: float = 1.0,
     params: variables dict or bare params tree (not modified).
     select: layer rules (default: every conv; dense layers when selected).
     expansion: inner width factor, >= 1.
-    key: PRNG key for the random orthonormal factors.
+    key: PRNG key for the random orthonormal factors (required).
     report: also return a list of :class:`LayerAction`.
 
   Returns:
@@ -241,7 +243,9 @@ def overparameterize(params, *, select=None, expansion: float = 1.0,
   """
   if not expansion >= 1.0:
     raise ValueError(f'expansion must be >= 1, got {expansion}')
-  key = jax.random.PRNGKey(0) if key is None else key
+  if key is None:
+    raise TypeError('overparameterize needs key=jax.random.PRNGKey(seed): '
+                    'the random orthonormal factors are drawn from it')
   target = forms.get('overparam')
   index = {}
 

@@ -111,6 +111,20 @@ def kernel_kind(variables: Mapping) -> str:
   return 'other'
 
 
+def find_layers(variables) -> dict[str, dict]:
+  """Every conv / dense layer of a tree or module, by its path.
+
+  Args:
+    variables: a variables dict, a bare params tree or an ``nnx.Module``.
+
+  Returns:
+    ``{path: {variable name: array}}`` in tree order; the paths are relative
+    to the params collection, so each works as a ``select`` rule.
+  """
+  params, _ = split_variables(variables)
+  return layers(params)
+
+
 def get_layer(params: Mapping, path: str) -> dict:
   """The variables of the layer at ``path``; KeyError names close paths."""
   all_layers = layers(params)
@@ -214,8 +228,14 @@ def _close(name: str, paths: Iterable[str]) -> list[str]:
 
 
 def check_finite(path: str, variables: Mapping) -> None:
-  """Raises ValueError naming the layer and variable if any entry is NaN/Inf."""
+  """Raises ValueError naming the layer and variable if any entry is NaN/Inf.
+
+  Only concrete arrays are checked: under ``jax.jit`` (tracers) or
+  ``jax.eval_shape`` (``ShapeDtypeStruct``) there are no values to read.
+  """
   for name, value in variables.items():
+    if isinstance(value, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+      continue
     arr = np.asarray(jax.device_get(value))
     if not np.all(np.isfinite(arr)):
       bad = int(np.size(arr) - np.isfinite(arr).sum())

@@ -70,10 +70,6 @@ METHODS = ('auto', 'gram', 'svd')
 # noise level M sigma2 the decision rests on.
 _GRAM_RANGE = 1e-3
 
-# Incremented each time the batched network function is traced (tests use it
-# to check that a second call on the same shapes does not retrace).
-_TRACE_COUNT = 0
-
 
 class EVBMFResult(NamedTuple):
   """EVBMF of one L x M matrix (L = min of its two sides).
@@ -115,6 +111,32 @@ def _syevd_values_call(target: str, g: jax.Array) -> jax.Array:
   return jnp.where(info == 0, w, jnp.nan)
 
 
+# Opt-in fast path (off by default): see use_lapack_eigenvalues.
+_LAPACK = {'on': False}
+
+
+def use_lapack_eigenvalues(enabled: bool = True) -> bool:
+  """Opts in to (or out of) jaxlib's CPU LAPACK eigenvalue-only call.
+
+  ``jnp.linalg.eigvalsh`` computes eigenvectors too; LAPACK ``?syevd`` in
+  mode 'N' skips them, which made a whole ResNet-50 ``vbmf_ranks`` about
+  17% faster on CPU (0.92 s -> 0.76 s, docs/benchmarks_vbmf.md). The call
+  goes through a target that is private to jaxlib (``jax._src.lib.lapack``),
+  so it is off by default and, when asked for, used only after a self-check
+  on a matrix with known eigenvalues; a jaxlib that changed it keeps the
+  default path. Functions already compiled are not affected.
+
+  Args:
+    enabled: turn the fast path on (True) or off (False).
+
+  Returns:
+    Whether the fast path is now active.
+  """
+  _LAPACK['on'] = bool(enabled) and (
+      _lapack_syevd_target('float32') is not None)
+  return _LAPACK['on']
+
+
 @functools.lru_cache(maxsize=None)
 def _lapack_syevd_target(dtype_name: str) -> Optional[str]:
   """jaxlib's CPU LAPACK ``?syevd`` FFI target, or None if unusable.
@@ -144,16 +166,16 @@ def _eigvalsh(gram: jax.Array) -> jax.Array:
   ``jnp.linalg.eigvalsh`` runs LAPACK ``?syevd`` with eigenvectors on CPU
   (its eigenvalue-only mode is not exposed), which costs about twice the
   eigenvalues alone (512 x 512 float32: 24 ms vs 13 ms; whole ResNet-50
-  ``vbmf_ranks`` 0.92 s vs 0.76 s). On CPU this calls jaxlib's own
-  ``?syevd`` FFI target in mode 'N' (after a self-check, see
-  :func:`_lapack_syevd_target`); on other platforms, or if that private
-  target is unusable, it falls back to ``eigvalsh``. A LAPACK failure
-  (info != 0) gives NaN, as ``eigvalsh`` does.
+  ``vbmf_ranks`` 0.92 s vs 0.76 s). With :func:`use_lapack_eigenvalues`
+  on, this calls jaxlib's own ``?syevd`` FFI target in mode 'N' on CPU
+  (after a self-check, see :func:`_lapack_syevd_target`); by default, on
+  other platforms, or if that private target is unusable, ``eigvalsh``. A
+  LAPACK failure (info != 0) gives NaN, as ``eigvalsh`` does.
   """
   def fallback(g):
     return jnp.linalg.eigvalsh(g, symmetrize_input=False)
 
-  target = _lapack_syevd_target(gram.dtype.name)
+  target = _lapack_syevd_target(gram.dtype.name) if _LAPACK['on'] else None
   if target is None or gram.ndim != 2:
     return fallback(gram)
   return jax.lax.platform_dependent(
@@ -716,8 +738,9 @@ def _matrix(kernel, mode):
   return mat.T if mat.shape[0] > mat.shape[1] else mat
 
 
-@functools.partial(jax.jit, static_argnames=('kinds', 'groups', 'method'))
-def _network_evbmf(sources, kinds, groups, method):
+@functools.partial(jax.jit, static_argnames=('kinds', 'groups', 'method',
+                                             'lapack'))
+def _network_evbmf(sources, kinds, groups, method, lapack=False):
   """EVBMF of all matrices of a network, grouped by shape, in one program.
 
   The static arguments hold no layer paths, so networks with the same shapes
@@ -728,6 +751,8 @@ def _network_evbmf(sources, kinds, groups, method):
     kinds: per layer ``(source, modes, compute dtype name)``.
     groups: tuple of ``((L, M, dtype), ((layer index, mode index), ...))``.
     method: 'auto', 'gram' or 'svd'.
+    lapack: whether :func:`use_lapack_eigenvalues` was on (read at trace
+      time; a static argument so that each setting has its own program).
 
   Returns:
     ``{dtype: (rank (N,), sigma2 (N,), threshold (N,), gamma (N, P),
@@ -736,8 +761,7 @@ def _network_evbmf(sources, kinds, groups, method):
     times ``2**-e`` (multiply by ``2**(2e)`` and ``2**e``); gamma is
     rescaled. A matrix with NaN / Inf entries has rank -1 and NaN gamma.
   """
-  global _TRACE_COUNT
-  _TRACE_COUNT += 1
+  del lapack  # read by _eigvalsh through _LAPACK while tracing
   kernels = []
   for (source, _, dtype), src in zip(kinds, sources):
     if source == 'to_kernel':
@@ -793,7 +817,7 @@ def _host_ldexp(x: float, k: int) -> float:
 
 
 def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
-               min_rank: MinRank = None, return_details: bool = False,
+               min_rank: MinRank = None, report: bool = False,
                method: str = 'auto'):
   """EVBMF (weakened, clamped) ranks of every selected layer, in one call.
 
@@ -834,12 +858,12 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
       1 x 1 convs), an int for all layers, or ``{path regex: int}`` (first
       full match wins, unmatched layers get the default; a rule that matches
       no layer raises). Always clamped to at most R.
-    return_details: also return per-layer details.
+    report: also return per-layer details.
     method: ``'auto'`` (default), ``'gram'`` or ``'svd'``, see
       :func:`evbmf`.
 
   Returns:
-    ``{path: ranks tuple}``; with ``return_details``, ``(ranks, details)``
+    ``{path: ranks tuple}``; with ``report``, ``(ranks, details)``
     where ``details[path]`` has ``form``, ``shape`` (of the kernel or core the
     matrices come from), ``matrices`` ((rows, cols) per mode: C_in x kh kw
     C_out, C_out x kh kw C_in, or rows x C_out), ``current`` (R per mode),
@@ -874,7 +898,7 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   plan = tuple(_plan_layer(p, all_layers[p]) for p in paths)
   minimum = _min_ranks(plan, list(all_layers), min_rank)
   if not plan:
-    return ({}, {}) if return_details else {}
+    return ({}, {}) if report else {}
 
   sources = []
   for layer in plan:
@@ -893,7 +917,8 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
                  for key, members in sorted(by_shape.items()))
   kinds = tuple((l.source, l.modes, _compute_dtype(l.dtype).name)
                 for l in plan)
-  out = jax.device_get(_network_evbmf(tuple(sources), kinds, groups, method))
+  out = jax.device_get(_network_evbmf(tuple(sources), kinds, groups, method,
+                                      lapack=_LAPACK['on']))
 
   per_mode, row = {}, {}
   for (big_l, _, dtype), members in groups:
@@ -922,7 +947,7 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
     new = tuple(weakened_rank(r, f[0], weaken=weaken, min_rank=lo)
                 for r, f, lo in zip(layer.current, found, mins))
     ranks[layer.path] = new
-    if return_details:
+    if report:
       details[layer.path] = {
           'form': layer.form,
           'shape': layer.shape,
@@ -935,7 +960,7 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
           'threshold': tuple(f[2] for f in found),
           'singular_values': [f[3] for f in found],
       }
-  return (ranks, details) if return_details else ranks
+  return (ranks, details) if report else ranks
 
 
 __all__ = ['EVBMFResult', 'evbmf', 'vbmf_ranks', 'weakened_rank']

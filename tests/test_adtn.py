@@ -102,7 +102,8 @@ def test_param_count_formula_matches_tree(shape, m, channel_scale):
   kernel = jax.random.normal(jax.random.PRNGKey(0), shape)
   params = {'layer': {'kernel': kernel, 'bias': jnp.zeros(shape[-1])}}
   new, rep = adtn.adtn_encode(params, depth=m, steps=0, min_size=1,
-                              channel_scale=channel_scale, report=True)
+                              channel_scale=channel_scale, report=True,
+                                  key=jax.random.PRNGKey(0))
   q = adtn_form.num_qubits(math.prod(shape))
   assert 2 ** q >= math.prod(shape) > 2 ** (q - 1)
   want = adtn.adtn_param_count(
@@ -123,7 +124,7 @@ def test_encode_rank1_kernel_reaches_small_error():
   errs = {}
   for m in (1, 6):
     new, rep = adtn.adtn_encode(params, depth=m, steps=1500, min_size=1,
-                                report=True)
+                                report=True, key=jax.random.PRNGKey(0))
     w_hat = np.asarray(forms.to_kernel(new['params']['fc']))
     err = np.linalg.norm(w - w_hat) / np.linalg.norm(w)
     np.testing.assert_allclose(rep[0].rel_error, err, rtol=1e-3, atol=1e-5)
@@ -141,7 +142,7 @@ def test_model_apply_equals_decoded_dense_and_collapse():
   variables = model.init(jax.random.PRNGKey(0), x)
   new, rep = adtn.adtn_encode(
       variables, select=['conv2', 'fc2', 'head'], depth=2, steps=0,
-      noise=0.5, min_size=2000, report=True)
+      noise=0.5, min_size=2000, report=True, key=jax.random.PRNGKey(0))
   by_path = {a.path: a for a in rep}
   assert by_path['conv2'].action == 'split'
   assert by_path['fc2'].action == 'split'
@@ -183,15 +184,16 @@ def test_bad_inputs_and_skips():
   params = {'a': {'kernel': jnp.ones((64, 64))},
             'b': {'kernel': jnp.ones((8, 8))}}
   with pytest.raises(ValueError, match='depth'):
-    adtn.adtn_encode(params, depth=0)
+    adtn.adtn_encode(params, depth=0, key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='relu'):
-    adtn.adtn_encode(params, depth=2, nonlinearity='gelu')
+    adtn.adtn_encode(params, depth=2, nonlinearity='gelu',
+                     key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='unknown nonlinearity'):
     adtn_form.contract(jnp.zeros((1, 1, 2, 2, 2, 2)), 'swish')
   with pytest.raises(ValueError, match='matches no layer'):
-    adtn.adtn_encode(params, depth=2, select='nope')
+    adtn.adtn_encode(params, depth=2, select='nope', key=jax.random.PRNGKey(0))
   new, rep = adtn.adtn_encode(params, depth=2, steps=0, min_size=1,
-                              report=True)
+                              report=True, key=jax.random.PRNGKey(0))
   by_path = {a.path: a for a in rep}
   # 8x8 = 64 entries; ADTN Q=6, M=2 has 161 parameters -> skipped.
   assert by_path['b'].action == 'skipped'
@@ -199,7 +201,7 @@ def test_bad_inputs_and_skips():
   assert by_path['a'].action == 'split'
   assert forms.identify(new['b']) == 'dense'
   _, rep = adtn.adtn_encode(params, depth=2, steps=0, min_size=5000,
-                            report=True)
+                            report=True, key=jax.random.PRNGKey(0))
   assert all(a.action == 'skipped' and 'min_size' in a.reason for a in rep)
 
 
@@ -218,7 +220,8 @@ def test_training_through_decode_lowers_loss():
   # entries carry most of the norm) that makes the first Adam steps blow up;
   # 20 fit steps spread it enough, as does larger init noise.
   new, rep = adtn.adtn_encode(variables, select='fc1', depth=3, steps=20,
-                              noise=0.5, match_norm=True, report=True)
+                              noise=0.5, match_norm=True, report=True,
+                                  key=jax.random.PRNGKey(0))
   assert rep[0].ranks == (3, 18)                    # 784*256 -> 2^18
   params = new['params']
   trainable = params['fc1']                         # gates, scale, bias
@@ -255,7 +258,8 @@ def _shared_lenet5(steps=0):
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 28, 28, 1))
   variables = model.init(jax.random.PRNGKey(0), x)
   new, rep = adtn.adtn_encode(variables, select='fc1|fc2', depth=2,
-                              steps=steps, noise=0.5, share=True, report=True)
+                              steps=steps, noise=0.5, share=True, report=True,
+                                  key=jax.random.PRNGKey(0))
   return model, x, variables, new, rep
 
 
@@ -337,14 +341,14 @@ def test_shared_adtn_bad_inputs():
     transforms.svd_split(new, {'fc1': 4})
   with pytest.raises(TypeError, match='one int depth'):
     adtn.adtn_encode(variables, select='fc1|fc2', depth={'fc1': 2},
-                     share=True)
+                     share=True, key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='per-channel'):
     adtn.adtn_encode(variables, select='fc1|fc2', depth=2, share=True,
-                     channel_scale=True)
+                     channel_scale=True, key=jax.random.PRNGKey(0))
   # Encoding again with share: members are skipped, a second group is new.
   again, rep = adtn.adtn_encode(new, select='fc1|fc2|conv2', depth=2,
                                 steps=0, min_size=1000, share=True,
-                                report=True)
+                                report=True, key=jax.random.PRNGKey(0))
   by_path = {a.path: a for a in rep}
   assert by_path['conv2'].action == 'split' and by_path['conv2'].group == 'g1'
   assert by_path['fc1'].action == 'skipped'
@@ -356,6 +360,6 @@ def test_shared_adtn_bad_inputs():
   # A group that would not be smaller than its members is not made.
   small = {'a': {'kernel': jnp.ones((8, 8))}, 'b': {'kernel': jnp.ones((4, 4))}}
   _, rep = adtn.adtn_encode(small, depth=2, steps=0, min_size=1, share=True,
-                            report=True)
+                            report=True, key=jax.random.PRNGKey(0))
   assert all(a.action == 'skipped' and 'parameters >=' in a.reason
              for a in rep)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import lowrank_jax as lj
-from lowrank_jax import count_params, get_model, layers
+from lowrank_jax import count_params, find_layers, get_model
 
 # Exact counts; resnet20 / resnet18 on 32x32x3 match the published CIFAR
 # figures (0.27M, 11.17M), LeNet-5 on 28x28x1 the classic 61,706.
@@ -33,7 +33,7 @@ def test_layer_paths_are_readable():
   model = get_model('resnet20')
   v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                         jnp.zeros((1, 32, 32, 3))))
-  paths = list(layers(v['params']))
+  paths = list(find_layers(v))
   assert {'conv1', 'head', 'stage1_block0/conv1'} <= set(paths)
   assert 'stage2_block0/shortcut' in paths
   assert len(paths) == 22  # 19 3x3 convs, 2 shortcuts, head

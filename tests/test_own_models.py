@@ -341,7 +341,8 @@ def test_nnx_planted_ranks_and_penalty(nnx_model):
   planted = nnx.clone(nnx_model)
   planted.conv2.kernel = nnx.Param(_plant(planted.conv2.kernel[...], (5, 9)))
   assert lj.vbmf_ranks(planted, select='conv2', min_rank=1)['conv2'] == (5, 9)
-  over = lj.overparameterize(nnx_model, select='conv2')
+  over = lj.overparameterize(nnx_model, select='conv2',
+                             key=jax.random.PRNGKey(0))
   assert lj.layer_forms(over)['conv2'] == 'overparam'
   assert float(lj.orthogonal_penalty(over)) >= 0
   back = lj.collapse(over)
@@ -462,3 +463,41 @@ def test_bad_factories_are_named():
     lj.get_model('own_models:missing')
   with pytest.raises(ValueError, match='not a flax.linen Module'):
     lj.get_model('builtins:dict')
+
+
+def test_nnx_adtn_cp_and_never_slower(nnx_model, real_images):
+  x = jnp.asarray(real_images)
+  enc = lj.adtn_encode(nnx_model, select='head', depth=2, steps=20,
+                       min_size=16, key=jax.random.PRNGKey(0))
+  assert lj.layer_forms(enc)['head'] == 'adtn'
+  enc.eval()
+  assert enc(x).shape == (8, 10)
+  with pytest.raises(ValueError, match='share=False'):
+    lj.adtn_encode(nnx_model, select='head|mix', depth=2, steps=5,
+                   min_size=16, share=True, key=jax.random.PRNGKey(0))
+  cp = lj.cp_split(nnx_model, 6, select='conv2', als_iters=5)
+  assert isinstance(cp.conv2, lj.FormLayer) and cp.conv2.form == 'cp'
+  split = lj.tucker2_split(nnx_model, (4, 8), select='conv2')
+  timings = lj.time_layers(split, (2, 28, 28, 1), repeats=1, min_time_s=0)
+  assert set(timings) == {'conv2'}
+  slow = lambda *a, **k: {'conv2': timings['conv2']._replace(speedup=0.5)}
+  merged, report = lj.never_slower(split, (2, 28, 28, 1), timer=slow)
+  assert set(report.merged) == {'conv2'}
+  assert lj.layer_forms(merged)['conv2'] == 'dense'
+  assert lj.layer_forms(split)['conv2'] == 'tucker2'   # input untouched
+
+
+def test_ranks_for_a_layer_the_transform_cannot_split_are_an_error():
+  model = own_models.PlainVGG()
+  v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                        jnp.zeros(SHAPE)))
+  with pytest.raises(ValueError, match="'Dense_0'.*cannot split"):
+    lj.tucker2_split(v, {'Dense_0': (4, 4)})
+  with pytest.raises(TypeError, match="'Conv_1'.*ints"):
+    lj.tucker2_split(v, {'Conv_1': (2.7, 4.9)})
+  with pytest.raises(TypeError, match="'Conv_1'"):
+    lj.tucker2_split(v, {'Conv_1': None})
+  with pytest.raises(TypeError, match="'Conv_1'"):
+    lj.tucker2_split(v, {'Conv_1': ('3', '4')})
+  with pytest.raises(ValueError, match="'Dense_1'.*do not fit"):
+    lj.decompose(v, {'Dense_1': (2, 2)})

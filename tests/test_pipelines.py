@@ -183,7 +183,7 @@ def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
     pipelines.run_musco(config, str(tmp_path))
 
 
-def test_vgg16_adtn_config_trains_through_the_decode_with_adam():
+def test_vgg16_adtn_config_switches_the_decode_stage_to_clipped_adam():
   from configs import vgg16_adtn  # pylint: disable=g-import-not-at-top
   config = vgg16_adtn.get_config()
   pipelines.validate(config)

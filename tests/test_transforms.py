@@ -62,7 +62,7 @@ def test_exact_param_counts_after_splits():
   model = lj.get_model('resnet20')
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   before = lj.count_params(v)
-  per_layer = lj.count_params(v, per_layer=True)
+  _, per_layer = lj.count_params(v, report=True)
   ranks = {'stage2_block1/conv1': (5, 7), 'conv1': (2, 4)}
   out = lj.tucker2_split(v, ranks)
   expected = before
@@ -104,7 +104,7 @@ def test_transforms_do_not_modify_input():
   frozen = copy.deepcopy(jax.tree_util.tree_map(np.asarray, v))
   lj.tucker2_split(v, 2, select='conv2')
   lj.svd_split(v, 2)
-  lj.overparameterize(v, select=['conv.*', 'fc1'])
+  lj.overparameterize(v, select=['conv.*', 'fc1'], key=jax.random.PRNGKey(0))
   lj.cp_split(v, 3)
   jax.tree_util.tree_map(np.testing.assert_array_equal, frozen,
                          jax.tree_util.tree_map(np.asarray, v))
@@ -131,7 +131,7 @@ def test_bad_input_errors_name_the_problem():
                      'non-finite'):
     lj.svd_split(bad, 4)
   with pytest.raises(ValueError, match='expansion must be >= 1'):
-    lj.overparameterize(v, expansion=0.5)
+    lj.overparameterize(v, expansion=0.5, key=jax.random.PRNGKey(0))
   # Ineligible layers matched by a rule are skipped with a reason.
   _, actions = lj.tucker2_split(v, 4, select=['conv2', 'fc.*'], report=True)
   reasons = {a.path: (a.action, a.reason) for a in actions}
@@ -159,13 +159,13 @@ def test_orthogonal_penalty_zero_positive_and_gradient():
   model = lj.get_model('lenet5')
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
   assert float(lj.orthogonal_penalty(v)) == 0.0  # dense only
-  over = lj.overparameterize(v, expansion=2.0)
+  over = lj.overparameterize(v, expansion=2.0, key=jax.random.PRNGKey(0))
   assert float(lj.orthogonal_penalty(over)) < 1e-10
   noisy = jax.tree_util.tree_map(
       lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape),
       over)
   assert float(lj.orthogonal_penalty(noisy)) > 1e-3
-  assert float(lj.orthogonal_penalty(noisy, mask='conv1')) < float(
+  assert float(lj.orthogonal_penalty(noisy, select='conv1')) < float(
       lj.orthogonal_penalty(noisy))
   with jax.enable_x64(True):
     p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
@@ -202,7 +202,8 @@ def _penalty64(p):
 def test_penalty_is_jittable_and_matches_eager():
   model = lj.get_model('lenet5')
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-  noisy = jax.tree_util.tree_map(lambda a: a * 1.1, lj.overparameterize(v))
+  over = lj.overparameterize(v, key=jax.random.PRNGKey(0))
+  noisy = jax.tree_util.tree_map(lambda a: a * 1.1, over)
   np.testing.assert_allclose(jax.jit(lj.orthogonal_penalty)(noisy),
                              lj.orthogonal_penalty(noisy), rtol=1e-6)
 

@@ -455,7 +455,7 @@ def resnet20():
 @pytest.fixture(scope='module')
 def resnet20_ranks(resnet20):
   before = copy.deepcopy(jax.device_get(resnet20))
-  out = vbmf.vbmf_ranks(resnet20, return_details=True)
+  out = vbmf.vbmf_ranks(resnet20, report=True)
   after = jax.device_get(resnet20)
   jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
   return out
@@ -553,7 +553,7 @@ def test_vbmf_ranks_selection_and_factorized_forms(resnet20):
   new = rebuild(tree.replace_layers(
       params, {'stage3_block1/conv1': split, 'head': head}))
   ranks, details = vbmf.vbmf_ranks(
-      new, select=['stage3_block1/conv1', 'head'], return_details=True,
+      new, select=['stage3_block1/conv1', 'head'], report=True,
       min_rank=1)
   d = details['stage3_block1/conv1']
   assert d['form'] == 'tucker2' and d['shape'] == (3, 3, 16, 24)
@@ -605,12 +605,12 @@ def test_vbmf_ranks_reports_sigma2_beyond_float32(resnet20, scale):
   """Details rescale sigma2 on the host in float64: a layer scaled so that
   its float32 sigma2 would under- / overflow keeps rank and sigma2 / c^2."""
   params, rebuild = tree.split_variables(resnet20)
-  base = vbmf.vbmf_ranks(resnet20, select='head', return_details=True)[1]
+  base = vbmf.vbmf_ranks(resnet20, select='head', report=True)[1]
   head = dict(tree.get_layer(params, 'head'))
   head['kernel'] = (np.asarray(head['kernel'], np.float64) * scale
                     ).astype(np.float32)
   scaled = rebuild(tree.replace_layers(params, {'head': head}))
-  got = vbmf.vbmf_ranks(scaled, select='head', return_details=True)[1]
+  got = vbmf.vbmf_ranks(scaled, select='head', report=True)[1]
   assert got['head']['vbmf'] == base['head']['vbmf'] == PLANTED['head']
   s2, b2 = got['head']['sigma2'][0], base['head']['sigma2'][0]
   assert 0 < s2 < np.inf
@@ -630,6 +630,9 @@ def test_vbmf_ranks_is_one_compiled_call(resnet20):
     if event == '/jax/core/compile/backend_compile_duration':
       compiles.append(event)
 
+  def traces():   # programs of the network function traced so far
+    return vbmf._network_evbmf._cache_size()  # pylint: disable=protected-access
+
   params, _ = tree.split_variables(resnet20)
   stage2 = {p: v for p, v in tree.layers(params).items()
             if p.startswith('stage2')}
@@ -637,14 +640,36 @@ def test_vbmf_ranks_is_one_compiled_call(resnet20):
   jax.clear_caches()
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    traces = vbmf._TRACE_COUNT
     first = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
-    assert (vbmf._TRACE_COUNT - traces, len(compiles)) == (1, 1)
+    assert (traces(), len(compiles)) == (1, 1)
     second = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
     # Same shapes under other paths (and a bare params tree): cached too.
     third = vbmf.vbmf_ranks(renamed)
-    assert (vbmf._TRACE_COUNT - traces, len(compiles)) == (1, 1)
+    assert (traces(), len(compiles)) == (1, 1)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert first == second
   assert list(third.values()) == list(first.values())
+
+
+def test_lapack_eigenvalue_path_is_opt_in_active_and_correct(resnet20):
+  """Off by default; when on, the compiled program calls LAPACK directly and
+  gives the same ranks as the default path."""
+  assert not vbmf._LAPACK['on']
+  default = vbmf.vbmf_ranks(resnet20, select=r'stage3.*')
+  gram = jnp.asarray(planted((20, 40), 3, seed=1) @ planted((20, 40), 3,
+                                                          seed=1).T,
+                     jnp.float32)
+  assert 'ffi_call' not in str(jax.make_jaxpr(lambda g: vbmf._eigvalsh(g))(gram))
+  try:
+    if not vbmf.use_lapack_eigenvalues(True):
+      pytest.fail('the LAPACK eigenvalue target failed its self-check on '
+                  'this jaxlib: update _syevd_values_call or drop it')
+    # A new function each time: make_jaxpr caches traces per function.
+    assert 'ffi_call' in str(jax.make_jaxpr(lambda g: vbmf._eigvalsh(g))(gram))
+    np.testing.assert_allclose(vbmf._eigvalsh(gram),
+                               np.linalg.eigvalsh(np.asarray(gram)),
+                               rtol=1e-4, atol=1e-3)
+    assert vbmf.vbmf_ranks(resnet20, select=r'stage3.*') == default
+  finally:
+    vbmf.use_lapack_eigenvalues(False)

@@ -299,7 +299,7 @@ def fit(kernel, depth: int, *, nonlinearity: str = 'relu', steps: int = 2000,
       0, which kills the layer's signal and its gradients; matching the norm
       keeps activations at the original scale for end-to-end training (at a
       higher reconstruction error, up to ~sqrt(2)).
-    key: PRNG key of the init noise (default ``PRNGKey(0)``).
+    key: PRNG key of the init noise (required).
 
   Returns:
     ``(variables, rel_error, losses)``: the ADTN variables (without bias),
@@ -314,7 +314,8 @@ def fit(kernel, depth: int, *, nonlinearity: str = 'relu', steps: int = 2000,
   kernel = jnp.asarray(kernel)
   dtype = jnp.promote_types(kernel.dtype, jnp.float32)
   q = num_qubits(kernel.size)
-  key = jax.random.PRNGKey(0) if key is None else key
+  if key is None:
+    raise TypeError('adtn.from_kernel needs key=jax.random.PRNGKey(seed)')
   gates = init_gates(key, depth, q, noise=noise, dtype=dtype)
   # Scale: the initial decode's norm matched to the kernel's (a scalar, or
   # that scalar for every output channel).

@@ -61,7 +61,7 @@ def from_kernel(kernel, ranks, *, key=None):
   Args:
     kernel: (kh, kw, C_in, C_out) or (C_in, C_out).
     ranks: inner widths ``(R_in, R_out)``, ``R_in >= C_in``, ``R_out >= C_out``.
-    key: PRNG key for the random orthonormal factors (default PRNGKey(0)).
+    key: PRNG key for the random orthonormal factors (required).
 
   Returns:
     ``{'op_in', 'op_core', 'op_out'}`` whose product equals ``kernel``.
@@ -69,7 +69,8 @@ def from_kernel(kernel, ranks, *, key=None):
   kernel = jnp.asarray(kernel)
   c_in, c_out = kernel.shape[-2:]
   r_in, r_out = (int(r) for r in ranks)
-  key = jax.random.PRNGKey(0) if key is None else key
+  if key is None:
+    raise TypeError('overparam.from_kernel needs key=jax.random.PRNGKey(seed)')
   k_in, k_out = jax.random.split(key)
   op_in = _orthonormal_rows(k_in, c_in, r_in, kernel.dtype)
   op_out = _orthonormal_rows(k_out, c_out, r_out, kernel.dtype).T
