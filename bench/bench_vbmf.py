@@ -284,7 +284,7 @@ def main(argv=None):
       f'first call adds {first - warm:.1f} s of tracing and compilation '
       '(cached per set of shapes afterwards).',
       '',
-      f'Goal of issue #3: at least 10x faster with identical ranks: '
+      f'Goal: at least 10x faster with identical ranks: '
       + ('**met**.' if ref_time / warm >= 10 and agree['auto'] == n_mats
          else f'**not met** ({ref_time / warm:.1f}x). ') +
       ('' if ref_time / warm >= 10 else

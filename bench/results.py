@@ -1,4 +1,4 @@
-"""Runs the measured results table of docs/results.md (issue: pipelines).
+"""Runs the measured results table of docs/results.md.
 
 Every row is one ``train.py`` command, run as a subprocess and recorded
 verbatim, so each figure in the doc comes with the command that made it:

@@ -22,6 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, 'docs')
 
 
+
+def _portable(command: str) -> str:
+  """A recorded command with this checkout's absolute path made relative."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return command.replace(root + os.sep, '')
+
 def _pct(values):
   values = [v for v in values if v is not None]
   if not values:
@@ -167,7 +173,7 @@ def main():
             'ran out of time for them.']
   out += ['', '### Runs', '']
   for key, r in rows.items():
-    out.append(f'* `{key}` ({r["run_s"]:.0f} s): `{r["command"]}`')
+    out.append(f'* `{key}` ({r["run_s"]:.0f} s): `{_portable(r["command"])}`')
   if adtn:
     out += ['', '## ADTN (Qing et al. 2023) vs SVD at the same budget', '',
             'The selected dense layers are encoded as deep tensor networks '
@@ -225,7 +231,7 @@ def main():
     for m, r in adtn.items():
       out.append(f'* `{m}` ({r["run_s"]:.0f} s, then the SVD comparison in '
                  f'the same script `python bench/results_adtn.py --models '
-                 f'{m}`): `{r["command"]}`')
+                 f'{m}`): `{_portable(r["command"])}`')
   path = os.path.join(DOCS, 'results.md')
   with open(path, 'w') as f:
     f.write('\n'.join(out) + '\n')

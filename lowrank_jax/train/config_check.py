@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Optional
 
@@ -126,3 +127,37 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   if jax.distributed.is_initialized():
     return
   jax.distributed.initialize()
+
+
+def check_known_fields(config: ml_collections.ConfigDict,
+                       reference: ml_collections.ConfigDict,
+                       prefix: str = 'config') -> None:
+  """Raises ConfigError for every field ``reference`` does not have.
+
+  ``ml_collections`` adds a field on assignment, so ``config.learnin_rate =
+  5.0`` in a config file is silently a new field; this names each such field
+  with the closest valid name, before anything runs or is written.
+
+  Args:
+    config: the config to check.
+    reference: a config with every valid field (``configs/default.py``).
+    prefix: the name of ``config`` in messages.
+  """
+  errors = []
+  _unknown_fields(config, reference, prefix, errors)
+  if errors:
+    raise ConfigError('; '.join(errors))
+
+
+def _unknown_fields(config, reference, prefix, errors) -> None:
+  for name in config.keys():
+    path = f'{prefix}.{name}'
+    if name not in reference:
+      close = difflib.get_close_matches(name, list(reference.keys()), n=1)
+      hint = f'; did you mean {prefix}.{close[0]}?' if close else ''
+      errors.append(f'{path} is not a known field{hint}')
+      continue
+    value, ref = config[name], reference[name]
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(
+        ref, ml_collections.ConfigDict):
+      _unknown_fields(value, ref, path, errors)

@@ -1,4 +1,4 @@
-"""The two errors of the training tool.
+"""The errors of the training tool.
 
 They sit below every other module of :mod:`lowrank_jax.train` (the optimizer,
 the config check and the checkpoints all raise them), so no module has to
@@ -17,3 +17,9 @@ class CheckpointError(RuntimeError):
   The message names the checkpoint directory and step and what differs.
   Nothing is deleted when this is raised.
   """
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite; the message names the stage, the step
+  and the likely cause. Checkpoints saved before the divergence are kept and
+  no non-finite state is saved."""

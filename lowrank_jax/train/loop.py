@@ -39,7 +39,8 @@ from lowrank_jax.train.checkpoint import (_config_diff, _config_json,
                                           restore_checkpoint, save_checkpoint)
 from lowrank_jax.train.config_check import (maybe_initialize_distributed,
                                             validate_config)
-from lowrank_jax.train.errors import CheckpointError, ConfigError
+from lowrank_jax.train.errors import (CheckpointError, ConfigError,
+                                     TrainingDiverged)
 from lowrank_jax.train.metrics import _MetricsLog, _progress_bar
 from lowrank_jax.train.optim import make_optimizer
 from lowrank_jax.train.sharding import make_mesh, shard_batch
@@ -362,6 +363,7 @@ def _log_train_row(run: _Run, progress: _Progress) -> None:
     row['first_step_s'] = progress.first_step_s
     progress.first_row = False
   run.log.write(row)
+  _check_finite(run, row['loss'], step, 'training loss')
   run.pbar.set_postfix(loss=f'{row["loss"]:.4f}',
                        acc=f'{row["accuracy"]:.3f}', refresh=False)
   progress.pending = []
@@ -391,7 +393,9 @@ def _finish(run: _Run, state: TrainState, progress: _Progress) -> None:
     if progress.step > 0:
       _save(run, state, progress.step, progress.pending)
     if len(run.dataset.test.labels):
-      _evaluate_split(run, state, 'test', run.dataset.test, progress.step)
+      result = _evaluate_split(run, state, 'test', run.dataset.test,
+                               progress.step)
+      _check_finite(run, result['loss'], progress.step, 'test loss')
   run.manager.wait_until_finished()
 
 
@@ -417,9 +421,27 @@ def _save(run: _Run, state: TrainState, step: int, pending: list) -> None:
     # logs the same rows as an uninterrupted one.
     pending = [{k: float(v) for k, v in m.items()}
                for m in jax.device_get(pending)]
+    for m in pending:   # never save a diverged state
+      _check_finite(run, m['loss'], step, 'training loss')
     save_checkpoint(run.manager, state, extra={
         'stage': run.stage_name, 'epoch': step / run.steps_per_epoch,
         'config': _config_json(run.config), 'pending_metrics': pending})
+
+
+def _check_finite(run: _Run, loss: float, step: int, what: str) -> None:
+  """Ends the run with :class:`TrainingDiverged` if ``loss`` is NaN / Inf."""
+  if np.isfinite(loss):
+    return
+  config = run.config
+  clip = config.get('grad_clip')
+  raise TrainingDiverged(
+      f'stage {run.stage_name!r} diverged: {what} is {loss} at step {step} '
+      f'(config.learning_rate={config.learning_rate}, '
+      f'config.optimizer={config.optimizer!r}, config.grad_clip={clip}). '
+      'Likely cause: a learning rate too high for this model and optimizer '
+      '(or a broken input pipeline). Lower config.learning_rate or set '
+      'config.grad_clip, then run again; checkpoints before this step are '
+      'kept and no non-finite state was saved.')
 
 
 def _no_gain(accuracies: Sequence[float], patience: int) -> bool:
