@@ -1,0 +1,187 @@
+"""Linear-algebra backend of EVBMF: spectra, the LAPACK path, exact scaling.
+
+* :func:`_squared_singular_values`: gamma_h^2 of a matrix by the Gram route
+  (eigenvalues of ``Y Y^T``) or the SVD (the ``method`` of :func:`evbmf`).
+* :func:`_eigvalsh`: eigenvalues without eigenvectors; by default
+  ``jnp.linalg.eigvalsh``, or jaxlib's CPU LAPACK ``?syevd`` in mode 'N'
+  after :func:`use_lapack_eigenvalues` (opt-in; the one switch is
+  ``_LAPACK``, read while tracing).
+* :func:`_pow2`, :func:`_ldexp`, :func:`_host_ldexp`: exact scaling by powers
+  of two (device and host), so that the solve neither under- nor overflows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METHODS = ('auto', 'gram', 'svd')
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  """float64 stays float64 (x64 mode), everything else runs in float32."""
+  return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(
+      jnp.float32)
+
+
+def _syevd_values_call(target: str, g: jax.Array) -> jax.Array:
+  """Eigenvalues (ascending) of symmetric ``g`` (n, n) by LAPACK mode 'N'."""
+  n = g.shape[-1]
+  call = jax.ffi.ffi_call(
+      target,
+      (jax.ShapeDtypeStruct(g.shape, g.dtype),
+       jax.ShapeDtypeStruct((n,), g.dtype),
+       jax.ShapeDtypeStruct((), jnp.int32)),
+      input_layouts=[(0, 1)], output_layouts=[(0, 1), None, None],
+      input_output_aliases={0: 0}, vmap_method='sequential')
+  _, w, info = call(g, mode=np.uint8(ord('N')), uplo=np.uint8(ord('L')))
+  return jnp.where(info == 0, w, jnp.nan)
+
+
+
+# Opt-in fast path (off by default): see use_lapack_eigenvalues.
+_LAPACK = {'on': False}
+
+
+def use_lapack_eigenvalues(enabled: bool = True) -> bool:
+  """Opts in to (or out of) jaxlib's CPU LAPACK eigenvalue-only call.
+
+  ``jnp.linalg.eigvalsh`` computes eigenvectors too; LAPACK ``?syevd`` in
+  mode 'N' skips them, which made a whole ResNet-50 ``vbmf_ranks`` about
+  17% faster on CPU (0.92 s -> 0.76 s, docs/benchmarks_vbmf.md). The call
+  goes through a target that is private to jaxlib (``jax._src.lib.lapack``),
+  so it is off by default and, when asked for, used only after a self-check
+  on a matrix with known eigenvalues; a jaxlib that changed it keeps the
+  default path. Functions already compiled are not affected.
+
+  Args:
+    enabled: turn the fast path on (True) or off (False).
+
+  Returns:
+    Whether the fast path is now active.
+  """
+  _LAPACK['on'] = bool(enabled) and (
+      _lapack_syevd_target('float32') is not None)
+  return _LAPACK['on']
+
+
+@functools.lru_cache(maxsize=None)
+def _lapack_syevd_target(dtype_name: str) -> Optional[str]:
+  """jaxlib's CPU LAPACK ``?syevd`` FFI target, or None if unusable.
+
+  The target is private to jaxlib, so it is used only after a check on a
+  3 x 3 matrix with known eigenvalues (1, 2, 4) passes on the CPU; any
+  failure (missing module, changed signature, wrong result) means None.
+  """
+  try:
+    from jax._src.lib import lapack  # pylint: disable=g-import-not-at-top
+    target = lapack.prepare_lapack_call('syevd_ffi', np.dtype(dtype_name))
+    probe = np.array([[3., 1., 0.], [1., 3., 0.], [0., 0., 1.]], dtype_name)
+    with jax.ensure_compile_time_eval():
+      probe = jax.device_put(probe, jax.devices('cpu')[0])
+      got = jax.jit(functools.partial(_syevd_values_call, target))(probe)
+      got = np.asarray(jax.device_get(got))
+    if np.allclose(got, [1., 2., 4.], rtol=1e-5):
+      return target
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return None
+
+
+def _eigvalsh(gram: jax.Array) -> jax.Array:
+  """Eigenvalues (ascending) of a symmetric matrix, without eigenvectors.
+
+  ``jnp.linalg.eigvalsh`` runs LAPACK ``?syevd`` with eigenvectors on CPU
+  (its eigenvalue-only mode is not exposed), which costs about twice the
+  eigenvalues alone (512 x 512 float32: 24 ms vs 13 ms; whole ResNet-50
+  ``vbmf_ranks`` 0.92 s vs 0.76 s). With :func:`use_lapack_eigenvalues`
+  on, this calls jaxlib's own ``?syevd`` FFI target in mode 'N' on CPU
+  (after a self-check, see :func:`_lapack_syevd_target`); by default, on
+  other platforms, or if that private target is unusable, ``eigvalsh``. A
+  LAPACK failure (info != 0) gives NaN, as ``eigvalsh`` does.
+  """
+  def fallback(g):
+    return jnp.linalg.eigvalsh(g, symmetrize_input=False)
+
+  target = _lapack_syevd_target(gram.dtype.name) if _LAPACK['on'] else None
+  if target is None or gram.ndim != 2:
+    return fallback(gram)
+  return jax.lax.platform_dependent(
+      gram, cpu=functools.partial(_syevd_values_call, target),
+      default=fallback)
+
+
+def _squared_singular_values(y: jax.Array, method: str) -> jax.Array:
+  """gamma_h^2 of an L x M matrix (L <= M), largest first, shape (L,).
+
+  ``'gram'``: eigenvalues of the L x L Gram matrix ``Y Y^T`` (one BLAS-3
+  product, then a small symmetric eigenproblem); ``'svd'``: the singular values
+  of Y. The Gram route squares the condition number: a singular value gamma
+  carries an absolute error of about ``eps * gamma_1^2 / (2 gamma)``, so
+  values below ``sqrt(L * eps) * gamma_1`` (float32, L = 512: 0.8% of
+  gamma_1) are set to zero. EVB thresholds of real weights lie well above
+  that; use ``'svd'`` (or float64) for spectra spanning more decades.
+  """
+  if method == 'gram':
+    gram = jnp.matmul(y, y.T, precision=jax.lax.Precision.HIGHEST)
+    lam = _eigvalsh(gram)[::-1]
+    # Eigenvalues below L * eps * lambda_max are rounding noise of the Gram
+    # route (numerically zero singular values come out ~sqrt(eps) gamma_1).
+    tol = y.shape[0] * jnp.finfo(lam.dtype).eps * lam[0]
+    return jnp.where(lam > tol, lam, 0.0)
+  if method == 'svd':
+    s = jnp.linalg.svd(y, compute_uv=False)
+    return s * s
+  raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+
+
+def _pow2(k, dtype):
+  """``2.0 ** k`` in ``dtype`` (float32 / float64), exactly, from its bits.
+
+  ``k`` is an integer array within the normal exponent range of ``dtype``
+  (float32: [-126, 127]); no ``exp2`` rounding.
+  """
+  if jnp.dtype(dtype) == jnp.float64:
+    bits = (k.astype(jnp.int64) + 1023) << 52
+    return jax.lax.bitcast_convert_type(bits, jnp.float64)
+  bits = (k.astype(jnp.int32) + 127) << 23
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _ldexp(x, k, *, flush=True):
+  """``x * 2**k`` for an integer array ``k``, exact when representable.
+
+  ``|k| / 4`` must lie in the normal exponent range of x's dtype (float32:
+  |k| <= 500, ample for the ``2e`` of any float32 matrix).
+
+  The power is applied as four factors of at most 2^|k/4|, each a normal
+  number and all of one direction, so intermediates neither overflow nor
+  underflow before the result does (a single factor 2^k can itself be
+  unrepresentable; dividing by a scalar lets XLA multiply by its
+  reciprocal, which for 1 / 3e38 is subnormal and flushed to 0 on CPU).
+  A result above the dtype's largest finite value is ``inf``; with
+  ``flush``, one below its smallest normal value is 0 on every backend
+  (XLA's CPU backend flushes subnormals anyway).
+  """
+  k = jnp.asarray(k, jnp.int32)
+  q = jax.lax.div(k, jnp.int32(4))  # truncates towards 0: same sign as k.
+  p = _pow2(q, x.dtype)
+  out = x * p * p * p * _pow2(k - 3 * q, x.dtype)
+  if flush:
+    out = jnp.where(jnp.abs(out) < jnp.finfo(x.dtype).tiny,
+                    jnp.zeros_like(out), out)
+  return out
+
+
+
+def _host_ldexp(x: float, k: int) -> float:
+  """``x * 2**k`` as a Python float (float64); inf where that overflows."""
+  try:
+    return math.ldexp(x, k)
+  except OverflowError:
+    return math.copysign(math.inf, x)
