@@ -7,10 +7,9 @@
 The config is locked: overriding a field that does not exist is an error.
 Re-running the same command resumes from the latest checkpoint in --workdir.
 ``config.pipeline`` picks the pipeline: 'train' here, the compression
-pipelines from ``lowrank_jax.pipelines.PIPELINES`` when that module exists.
+pipelines from ``lowrank_jax.train.pipelines.PIPELINES``.
 """
 
-import importlib
 import json
 import os
 import sys
@@ -22,7 +21,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from lowrank_jax import training
+from lowrank_jax.train import config_check
+from lowrank_jax.train import loop
+from lowrank_jax.train import metrics
+from lowrank_jax.train import pipelines as pipelines_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file with get_config().',
@@ -33,21 +35,13 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _train(config, workdir) -> dict:
-  _, history = training.train(config, workdir)
-  return training.summarize(history)
+  _, history = loop.train(config, workdir)
+  return metrics.summarize(history)
 
 
 def get_pipelines() -> dict[str, Callable]:
   """``{name: fn(config, workdir) -> summary dict}`` of every pipeline."""
-  pipelines = {'train': _train}
-  try:
-    pipelines_lib = importlib.import_module('lowrank_jax.pipelines')
-  except ModuleNotFoundError as e:
-    if e.name != 'lowrank_jax.pipelines':
-      raise
-  else:
-    pipelines.update(pipelines_lib.PIPELINES)
-  return pipelines
+  return {'train': _train, **pipelines_lib.PIPELINES}
 
 
 def main(argv):
@@ -60,7 +54,7 @@ def main(argv):
   # runs, as `python -m` would.
   if os.getcwd() not in sys.path:
     sys.path.insert(1, os.getcwd())
-  training.maybe_initialize_distributed(config)
+  config_check.maybe_initialize_distributed(config)
   pipelines = get_pipelines()
   if config.pipeline not in pipelines:
     raise app.UsageError(f'config.pipeline={config.pipeline!r} is unknown; '

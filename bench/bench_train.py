@@ -1,7 +1,7 @@
-"""Training throughput: lowrank_jax.training.train vs a plain Flax/Optax loop.
+"""Training throughput: lowrank_jax.train.loop.train vs a plain Flax/Optax loop.
 
 Both loops train the same model with the same optimizer (built by
-``training.make_optimizer`` from the model's config) on the same real
+``optim.make_optimizer`` from the model's config) on the same real
 Fashion-MNIST batches (``data.iterate_batches``, seed 0, epoch 0, batch 128),
 in the same process. Throughput is measured over intervals of
 ``--log-every`` steps, each ended by a host sync (our loop: its metrics log
@@ -38,9 +38,14 @@ from configs import fc2 as fc2_config  # noqa: E402
 from configs import lenet5 as lenet5_config  # noqa: E402
 from configs import resnet20 as resnet20_config  # noqa: E402
 import hostinfo  # noqa: E402
-from lowrank_jax import data  # noqa: E402
 from lowrank_jax import models  # noqa: E402
-from lowrank_jax import training  # noqa: E402
+from lowrank_jax.train import data  # noqa: E402
+from lowrank_jax.train import loop  # noqa: E402
+from lowrank_jax.train import metrics as metrics_lib  # noqa: E402
+from lowrank_jax.train import optim  # noqa: E402
+from lowrank_jax.train import sharding  # noqa: E402
+from lowrank_jax.train import state as state_lib  # noqa: E402
+from lowrank_jax.train import steps as steps_lib  # noqa: E402
 
 CONFIGS = {'fc2': fc2_config, 'lenet5': lenet5_config,
            'resnet20': resnet20_config}
@@ -73,8 +78,8 @@ def make_plain_step(model, tx):
 
 
 def _plain_state(model, config, tx):
-  variables = training.init_variables(model, (1, 28, 28, 1),
-                                      jax.random.PRNGKey(config.seed))
+  variables = state_lib.init_variables(model, (1, 28, 28, 1),
+                                       jax.random.PRNGKey(config.seed))
   params = variables['params']
   return params, variables.get('batch_stats', {}), tx.init(params)
 
@@ -82,7 +87,7 @@ def _plain_state(model, config, tx):
 def plain_loop(model, config, dataset, steps, log_every, step_fn=None):
   """The reference loop: device_put, step, fetch losses every log_every."""
   steps_per_epoch = data.num_batches(len(dataset.train.labels), BATCH)
-  tx, _ = training.make_optimizer(config, steps_per_epoch)
+  tx, _ = optim.make_optimizer(config, steps_per_epoch)
   params, batch_stats, opt_state = _plain_state(model, config, tx)
   step_fn = step_fn or make_plain_step(model, tx)
   batches = data.iterate_batches(dataset.train, BATCH, mean=dataset.mean,
@@ -115,7 +120,7 @@ def _intervals(marks):
 
 
 def our_loop(model, config, dataset, steps, log_every):
-  """``training.train`` with a log row (one host sync) every ``log_every``.
+  """``loop.train`` with a log row (one host sync) every ``log_every``.
 
   Timed by the same clock as the plain loop: a wrapper around the metrics
   log's ``write`` marks wall and CPU time at each train row (the row is
@@ -126,20 +131,20 @@ def our_loop(model, config, dataset, steps, log_every):
   config.log_every_steps = log_every
   config.checkpoint_every_steps = 0
   marks = []
-  write = training._MetricsLog.write
+  write = metrics_lib._MetricsLog.write
 
   def timed_write(self, row):
     if row.get('split') == 'train' and row['step'] % log_every == 0:
       marks.append((row['step'], time.perf_counter(), time.process_time()))
     return write(self, row)
 
-  training._MetricsLog.write = timed_write
+  metrics_lib._MetricsLog.write = timed_write
   try:
     with tempfile.TemporaryDirectory() as workdir:
-      _, history = training.train(config, workdir, dataset=dataset,
-                                  model=model)
+      _, history = loop.train(config, workdir, dataset=dataset,
+                              model=model)
   finally:
-    training._MetricsLog.write = write
+    metrics_lib._MetricsLog.write = write
   first = [r for r in history if r['split'] == 'train'][0]['first_step_s']
   return _intervals(marks), first
 
@@ -152,13 +157,13 @@ def step_pairs(model, config, dataset, pairs):
   both alike. Returns ``(ours_s, plain_s)`` lists.
   """
   steps_per_epoch = data.num_batches(len(dataset.train.labels), BATCH)
-  tx, schedule = training.make_optimizer(config, steps_per_epoch)
-  mesh = training.make_mesh()
-  state = training.create_train_state(config, model, None, (1, 28, 28, 1),
-                                      jax.random.PRNGKey(config.seed), tx=tx,
-                                      mesh=mesh)
-  ours = training.make_train_step(model, learning_rate_fn=schedule,
-                                  mesh=mesh)
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+  mesh = sharding.make_mesh()
+  state = state_lib.create_train_state(config, model, None, (1, 28, 28, 1),
+                                       jax.random.PRNGKey(config.seed), tx=tx,
+                                       mesh=mesh)
+  ours = steps_lib.make_train_step(model, learning_rate_fn=schedule,
+                                   mesh=mesh)
   plain = make_plain_step(model, tx)
   params, batch_stats, opt_state = _plain_state(model, config, tx)
   times = {'ours': [], 'plain': []}
@@ -170,7 +175,7 @@ def step_pairs(model, config, dataset, pairs):
     for kind in ('ours', 'plain') if i % 2 else ('plain', 'ours'):
       t0 = time.perf_counter()
       if kind == 'ours':
-        state, metrics = ours(state, training.shard_batch((x, y), mesh))
+        state, metrics = ours(state, sharding.shard_batch((x, y), mesh))
         jax.block_until_ready(metrics)
       else:
         xb, yb = jax.device_put((x, y))
@@ -281,12 +286,12 @@ def write_report(path, results, info, command):
   lines = [
       '# Training-loop throughput',
       '',
-      '`lowrank_jax.training.train` (sharded jitted step, metrics kept on '
+      '`lowrank_jax.train.loop.train` (sharded jitted step, metrics kept on '
       'device between log rows, tqdm, JSON-lines/TensorBoard logging, '
       'orbax checkpointing) against a minimal hand-written loop '
       '(`jax.jit` of `value_and_grad` + `optax`, `model.apply`, '
       '`jax.device_put` of each batch) on the same model, optimizer '
-      '(`training.make_optimizer` of the model\'s config) and real '
+      '(`optim.make_optimizer` of the model\'s config) and real '
       'Fashion-MNIST batches (batch 128), in one process.',
       '',
       f'Command: `{command}` (from the repository root, {now} UTC, '
@@ -380,7 +385,7 @@ NOTES = '''## What our loop adds per step
   NamedSharding(mesh, P('data')))`. Multi-process runs use
   `jax.make_array_from_process_local_data`, which costs about twice the host
   time (0.5 vs 0.26 ms per batch of 128 measured here), hence the
-  single-process fast path in `training.shard_batch`.
+  single-process fast path in `sharding.shard_batch`.
 * The step returns its metrics as device scalars; they are appended to a
   list and fetched once per `log_every_steps` (one host sync per row), so
   dispatch stays asynchronous and the host prepares the next batch while

@@ -73,7 +73,8 @@ def main():
 
   import jax
   import lowrank_jax as lj
-  from lowrank_jax import pipelines, training, tree
+  from lowrank_jax import tree
+  from lowrank_jax.train import checkpoint, jobs, loop, pipelines
   from configs import default  # noqa: F401  (configs importable)
   import importlib
 
@@ -121,8 +122,8 @@ def main():
     # SVD at the same budget, same baseline, same fine-tuning.
     config = importlib.import_module(f'configs.{model_name}').get_config()
     apply_overrides(config, overrides)
-    base = training.load_variables(os.path.join(workdir, 'stages',
-                                                'baseline'))
+    base = checkpoint.load_variables(os.path.join(workdir, 'stages',
+                                                  'baseline'))
     layers = tree.layers(base['params'])
     ranks = {}
     if s.get('share'):
@@ -139,15 +140,15 @@ def main():
                                     (rows + cols)))
     svd = lj.svd_split(base, ranks)
     svd_params = sum(lj.count_params(svd, report=True)[1][p] for p in ranks)
-    dataset = training.load_dataset(config)
+    dataset = loop.load_dataset(config)
     model = lj.get_model(model_name, num_classes=dataset.num_classes)
-    svd_before = pipelines.evaluate_variables(model, svd, dataset)['accuracy']
-    state, _ = training.train(pipelines.finetune_config(config),
-                              workdir + '_svd', dataset=dataset,
-                              variables=svd, stage_name='svd_finetune',
-                              model=model)
-    svd_after = pipelines.evaluate_variables(model, state.variables,
-                                             dataset)['accuracy']
+    svd_before = jobs.evaluate_variables(model, svd, dataset)['accuracy']
+    state, _ = loop.train(pipelines.finetune_config(config),
+                          workdir + '_svd', dataset=dataset,
+                          variables=svd, stage_name='svd_finetune',
+                          model=model)
+    svd_after = jobs.evaluate_variables(model, state.variables,
+                                        dataset)['accuracy']
     row = {
         'model': model_name, 'key': key, 'command': shown,
         'layers': sorted(encoded), 'depth': s['depth'],

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pipeline = 'train'  # Which pipeline train.py runs ('train', ...).
 
   # Data.
-  config.dataset = 'fashion_mnist_local'  # A name in lowrank_jax.data.DATASETS.
+  config.dataset = 'fashion_mnist_local'  # A name in lowrank_jax.train.data.DATASETS.
   config.data_dir = config_dict.placeholder(str)  # Data location (None: default).
   config.validation_size = 5000  # Train examples held out for validation.
   config.train_subset = config_dict.placeholder(int)  # Keep only k train examples.
@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.progress = True  # tqdm progress bar (only on a terminal).
   config.distributed = False  # Call jax.distributed.initialize() (multi-host).
 
-  # Compression (pipelines direct, he2024, musco; see lowrank_jax.pipelines).
+  # Compression (pipelines direct, he2024, musco; see lowrank_jax.train.pipelines).
   config.compress = ml_collections.ConfigDict()
   config.compress.select = '.*'  # Regex of layer paths to compress.
   config.compress.exclude = ''  # Regex of layer paths never compressed.

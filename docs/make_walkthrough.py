@@ -21,7 +21,7 @@ evaluate, plot. Every transform takes a variables tree and returns a new one;
 import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib.pyplot as plt
 import lowrank_jax as lj
-from lowrank_jax import data
+from lowrank_jax.train import data  # the tool's data loading (numpy batches)
 
 SMOKE = os.environ.get('WALKTHROUGH_SMOKE') == '1'
 STEPS = 60 if SMOKE else 600

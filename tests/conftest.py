@@ -12,7 +12,7 @@ FMNIST_DIR = os.environ.get('LOWRANK_JAX_FASHION_MNIST_DIR',
 @pytest.fixture(scope='session')
 def fmnist():
   """The offline Fashion-MNIST dataset (small subsets), or skip if absent."""
-  from lowrank_jax import data
+  from lowrank_jax.train import data
   if not os.path.exists(os.path.join(FMNIST_DIR,
                                      't10k-images-idx3-ubyte.gz')):
     pytest.skip('dataset-fashion-mnist is not installed')

@@ -206,7 +206,7 @@ def test_bad_inputs_and_skips():
 
 
 def test_training_through_decode_lowers_loss():
-  data = pytest.importorskip('lowrank_jax.data')
+  data = pytest.importorskip('lowrank_jax.train.data')
   try:
     ds = data.load_dataset('fashion_mnist_local', train_subset=2048,
                            test_subset=512)

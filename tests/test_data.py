@@ -1,4 +1,4 @@
-"""Tests for lowrank_jax.data on the real Debian Fashion-MNIST files."""
+"""Tests for lowrank_jax.train.data on the real Debian Fashion-MNIST files."""
 
 import gzip
 import os
@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from lowrank_jax import data
+from lowrank_jax.train import data
 
 DEBIAN_DIR = os.environ.get(data.FASHION_MNIST_DIR_ENV,
                             data.DEFAULT_FASHION_MNIST_DIR)

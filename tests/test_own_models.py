@@ -432,7 +432,7 @@ def test_jobs_run_on_a_users_factory(factory, pipeline, tmp_path, fmnist):
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
   from configs import smoke  # pylint: disable=g-import-not-at-top
-  from lowrank_jax import pipelines  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.train import pipelines  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   config.model = factory
   config.pipeline = pipeline

@@ -12,8 +12,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from configs import smoke  # pylint: disable=g-import-not-at-top
 
 import lowrank_jax as lj
-from lowrank_jax import pipelines
-from lowrank_jax import training
+from lowrank_jax.train import checkpoint
+from lowrank_jax.train import errors
+from lowrank_jax.train import jobs
+from lowrank_jax.train import loop
+from lowrank_jax.train import optim
+from lowrank_jax.train import pipelines
 
 
 def _config(pipeline, **compress):
@@ -57,7 +61,7 @@ def test_direct_compresses_and_writes_the_report(tmp_path):
   md = (tmp_path / 'report.md').read_text()
   assert '| finetune |' in md and '`conv2`' in md
   # The compressed model restores into model.apply with no extra code.
-  variables = training.load_variables(str(tmp_path / 'stages' / 'finetune'))
+  variables = checkpoint.load_variables(str(tmp_path / 'stages' / 'finetune'))
   model = lj.get_model('lenet5')
   assert lj.layer_forms(variables)['conv2'] == 'tucker2'
   assert lj.apply(model, variables, np.zeros((2, 28, 28, 1))).shape == (2, 10)
@@ -72,8 +76,8 @@ def test_he2024_trains_factors_with_the_penalty(tmp_path):
   ortho = [r for r in rows if r.get('stage') == 'orthogonal_train'
            and r.get('split') == 'train']
   assert ortho and all('penalty' in r for r in ortho)
-  over = training.load_variables(str(tmp_path / 'stages' /
-                                     'orthogonal_train'))
+  over = checkpoint.load_variables(str(tmp_path / 'stages' /
+                                       'orthogonal_train'))
   assert lj.layer_forms(over)['conv2'] == 'overparam'
   stages = {s['name']: s for s in json.loads(
       (tmp_path / 'report.json').read_text())['stages']}
@@ -97,7 +101,7 @@ def _planted_lenet(path):
       conv2 + 1e-3 * rng.normal(size=conv2.shape))
   v['params']['fc1']['kernel'] = np.float32(
       fc1 + 1e-3 * rng.normal(size=fc1.shape))
-  training.save_variables(str(path), v)
+  checkpoint.save_variables(str(path), v)
 
 
 def test_musco_recompresses_split_layers_by_their_cores(tmp_path):
@@ -123,8 +127,8 @@ def test_musco_recompresses_split_layers_by_their_cores(tmp_path):
   # Stage 2 decomposes the Tucker-2 core and the SVD product further.
   assert layers['conv2']['stage2_compress']['chosen'] == [3, 7]
   assert layers['fc1']['stage2_compress']['chosen'] == [37]
-  final = training.load_variables(str(tmp_path / 'musco' / 'stages' /
-                                      'stage2_finetune'))
+  final = checkpoint.load_variables(str(tmp_path / 'musco' / 'stages' /
+                                        'stage2_finetune'))
   conv2 = final['params']['conv2']
   assert lj.layer_forms(final)['conv2'] == 'tucker2'
   assert conv2['u_in'].shape == (6, 3) and conv2['u_out'].shape == (7, 16)
@@ -133,7 +137,7 @@ def test_musco_recompresses_split_layers_by_their_cores(tmp_path):
 def test_a_killed_job_resumes_at_its_stage_and_step(tmp_path, monkeypatch):
   config = _config('direct')
   reference = pipelines.run_direct(config, str(tmp_path / 'ref'))
-  real_train = training.train
+  real_train = loop.train
   calls = []
 
   def killed_train(*args, **kwargs):
@@ -143,10 +147,10 @@ def test_a_killed_job_resumes_at_its_stage_and_step(tmp_path, monkeypatch):
       raise KeyboardInterrupt('killed')
     return real_train(*args, **kwargs)
 
-  monkeypatch.setattr(training, 'train', killed_train)
+  monkeypatch.setattr(loop, 'train', killed_train)
   with pytest.raises(KeyboardInterrupt):
     pipelines.run_direct(config, str(tmp_path / 'run'))
-  monkeypatch.setattr(training, 'train', real_train)
+  monkeypatch.setattr(loop, 'train', real_train)
   rows_before = sum(1 for _ in open(tmp_path / 'run' / 'metrics.jsonl'))
   resumed = pipelines.run_direct(config, str(tmp_path / 'run'))
   rows = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
@@ -155,9 +159,9 @@ def test_a_killed_job_resumes_at_its_stage_and_step(tmp_path, monkeypatch):
   ft = [r for r in rows[rows_before:] if r.get('stage') == 'finetune'
         and r.get('split') == 'train']
   assert ft and min(r['step'] for r in ft) > 5
-  got = training.load_variables(str(tmp_path / 'run' / 'stages' / 'finetune'))
-  want = training.load_variables(str(tmp_path / 'ref' / 'stages' /
-                                     'finetune'))
+  got = checkpoint.load_variables(str(tmp_path / 'run' / 'stages' / 'finetune'))
+  want = checkpoint.load_variables(str(tmp_path / 'ref' / 'stages' /
+                                       'finetune'))
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
   assert resumed['stages'][-1]['test_accuracy'] == pytest.approx(
@@ -176,9 +180,9 @@ def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
   config = _config('musco')
   group, key = field.split('.')
   config[group][key] = value
-  monkeypatch.setattr(training, 'train', lambda *a, **k: pytest.fail(
+  monkeypatch.setattr(loop, 'train', lambda *a, **k: pytest.fail(
       'training started'))
-  with pytest.raises(training.ConfigError, match=message.replace(
+  with pytest.raises(errors.ConfigError, match=message.replace(
       '(', r'\(').replace('.', r'\.')):
     pipelines.run_musco(config, str(tmp_path))
 
@@ -186,11 +190,11 @@ def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
 def test_vgg16_adtn_config_switches_the_decode_stage_to_clipped_adam():
   from configs import vgg16_adtn  # pylint: disable=g-import-not-at-top
   config = vgg16_adtn.get_config()
-  pipelines.validate(config)
+  jobs.validate(config)
   assert config.pipeline == 'adtn' and config.adtn.share
   # The baseline keeps VGG's SGD; only the stage through the decode switches.
   assert config.optimizer == 'momentum'
   stage = pipelines.finetune_config(config)
   assert (stage.optimizer, stage.learning_rate, stage.grad_clip,
           stage.weight_decay) == ('adam', 1e-3, 1.0, 0.0)
-  training.make_optimizer(stage, steps_per_epoch=10)   # a valid optax chain
+  optim.make_optimizer(stage, steps_per_epoch=10)   # a valid optax chain

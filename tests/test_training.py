@@ -1,4 +1,5 @@
-"""Tests of lowrank_jax.training on tiny subsets of real Fashion-MNIST."""
+"""Tests of lowrank_jax.train (the training tool) on tiny subsets of real
+Fashion-MNIST."""
 
 import json
 import os
@@ -16,11 +17,17 @@ import pytest
 
 from configs import smoke
 import lowrank_jax as lj
-from lowrank_jax import data
 from lowrank_jax import get_model
 from lowrank_jax import orthogonal_penalty
-from lowrank_jax import training
 from lowrank_jax import tucker2_split
+from lowrank_jax.train import checkpoint
+from lowrank_jax.train import config_check
+from lowrank_jax.train import data
+from lowrank_jax.train import errors
+from lowrank_jax.train import loop
+from lowrank_jax.train import sharding
+from lowrank_jax.train import state as state_lib
+from lowrank_jax.train import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,16 +79,16 @@ def _assert_trees_close(a, b, atol):
 def test_few_steps_lower_the_loss(dataset):
   config = make_config(schedule='constant')
   model = get_model('lenet5')
-  mesh = training.make_mesh()
-  state = training.create_train_state(config, model, None, (1, 28, 28, 1),
-                                      jax.random.PRNGKey(0))
-  before = training.evaluate(state, model, dataset.train, dataset, 64)
-  step = training.make_train_step(model)
+  mesh = sharding.make_mesh()
+  state = state_lib.create_train_state(config, model, None, (1, 28, 28, 1),
+                                       jax.random.PRNGKey(0))
+  before = steps.evaluate(state, model, dataset.train, dataset, 64)
+  step = steps.make_train_step(model)
   for epoch in range(2):
     for batch in data.iterate_batches(dataset.train, 32, mean=dataset.mean,
                                       std=dataset.std, seed=0, epoch=epoch):
-      state, metrics = step(state, training.shard_batch(batch, mesh))
-  after = training.evaluate(state, model, dataset.train, dataset, 64)
+      state, metrics = step(state, sharding.shard_batch(batch, mesh))
+  after = steps.evaluate(state, model, dataset.train, dataset, 64)
   assert int(state.step) == 16
   assert before['count'] == after['count'] == 256
   assert after['loss'] < 0.8 * before['loss'], (before, after)
@@ -90,8 +97,8 @@ def test_few_steps_lower_the_loss(dataset):
 
 def test_penalty_plugs_in_and_step_does_not_retrace(dataset):
   model = get_model('lenet5')
-  variables = training.init_variables(model, (1, 28, 28, 1),
-                                        jax.random.PRNGKey(0))
+  variables = state_lib.init_variables(model, (1, 28, 28, 1),
+                                       jax.random.PRNGKey(0))
   variables = tucker2_split(variables, 4, select=r'conv2')
   # Scale a factor so it is no longer orthonormal: a non-zero penalty.
   variables['params']['conv2']['u_in'] = variables['params']['conv2'][
@@ -103,12 +110,12 @@ def test_penalty_plugs_in_and_step_does_not_retrace(dataset):
     return orthogonal_penalty(params)
 
   config = make_config(schedule='constant')
-  state = training.create_train_state(config, model, variables,
-                                      (1, 28, 28, 1), jax.random.PRNGKey(0))
-  mesh = training.make_mesh()
-  batch = training.shard_batch(_batch(dataset), mesh)
+  state = state_lib.create_train_state(config, model, variables,
+                                       (1, 28, 28, 1), jax.random.PRNGKey(0))
+  mesh = sharding.make_mesh()
+  batch = sharding.shard_batch(_batch(dataset), mesh)
   weight = 0.5
-  with_penalty = training.make_train_step(
+  with_penalty = steps.make_train_step(
       model, penalty_fn=penalty_fn, penalty_weight=weight, donate=False)
   state_p, m_p = with_penalty(state, batch)
   ce = jax.jit(lambda v, x, y: optax.softmax_cross_entropy_with_integer_labels(
@@ -128,34 +135,34 @@ def test_penalty_plugs_in_and_step_does_not_retrace(dataset):
 def test_checkpoint_and_variables_round_trip(dataset, tmp_path):
   model = get_model('lenet5')
   config = make_config(schedule='constant')
-  state = training.create_train_state(config, model, None, (1, 28, 28, 1),
-                                      jax.random.PRNGKey(3))
+  state = state_lib.create_train_state(config, model, None, (1, 28, 28, 1),
+                                       jax.random.PRNGKey(3))
   state = state.replace(step=jax.device_put(np.int32(7), state.step.sharding))
-  manager = training.open_checkpoint_manager(str(tmp_path / 'ckpt'))
-  training.save_checkpoint(manager, state)
+  manager = checkpoint.open_checkpoint_manager(str(tmp_path / 'ckpt'))
+  checkpoint.save_checkpoint(manager, state)
   manager.wait_until_finished()
   manager.close()
-  fresh = training.create_train_state(config, model, None, (1, 28, 28, 1),
-                                      jax.random.PRNGKey(4))
-  restored = training.restore_checkpoint(str(tmp_path / 'ckpt'), fresh)
+  fresh = state_lib.create_train_state(config, model, None, (1, 28, 28, 1),
+                                       jax.random.PRNGKey(4))
+  restored = checkpoint.restore_checkpoint(str(tmp_path / 'ckpt'), fresh)
   assert int(restored.step) == 7
-  _assert_trees_close(training._state_tree(restored),
-                      training._state_tree(state), 0)
+  _assert_trees_close(checkpoint._state_tree(restored),
+                      checkpoint._state_tree(state), 0)
   assert type(restored.opt_state) is type(state.opt_state)
 
   # Final-model helpers: atomic replace, and the tree runs in model.apply.
   path = str(tmp_path / 'final')
-  training.save_variables(path, {'params': fresh.params})
-  training.save_variables(path, state.variables)  # Replaces the first.
-  loaded = training.load_variables(path)
+  checkpoint.save_variables(path, {'params': fresh.params})
+  checkpoint.save_variables(path, state.variables)  # Replaces the first.
+  loaded = checkpoint.load_variables(path)
   x = _batch(dataset)[0]
   np.testing.assert_array_equal(lj.apply(model, loaded, x),
                                 lj.apply(model, state.variables, x))
   assert sorted(os.listdir(tmp_path)) == ['ckpt', 'final']
   # A failing save leaves the good one in place.
   with pytest.raises(Exception):
-    training.save_variables(path, {'params': {'w': object()}})
-  np.testing.assert_array_equal(training.load_variables(path)['params'][
+    checkpoint.save_variables(path, {'params': {'w': object()}})
+  np.testing.assert_array_equal(checkpoint.load_variables(path)['params'][
       'head']['kernel'], state.params['head']['kernel'])
 
 
@@ -164,8 +171,8 @@ def killed_run(dataset, tmp_path_factory):
   """TinyNet run 'killed' after step 11: checkpoints at steps 5 and 10."""
   workdir = str(tmp_path_factory.mktemp('killed'))
   config = make_config(augment=True)
-  training.train(config, workdir, dataset=dataset, model=TinyNet(),
-                 stop_after_steps=11)
+  loop.train(config, workdir, dataset=dataset, model=TinyNet(),
+             stop_after_steps=11)
   return config, workdir
 
 
@@ -184,14 +191,14 @@ def test_resume_after_kill_matches_uninterrupted_run(dataset, killed_run,
   # What a kill during an (atomic, tmp-dir) save leaves behind is ignored
   # and cleaned up.
   os.makedirs(os.path.join(ckpt_dir, '12.orbax-checkpoint-tmp', 'state'))
-  resumed, history = training.train(config, workdir, dataset=dataset,
-                                    model=TinyNet())
+  resumed, history = loop.train(config, workdir, dataset=dataset,
+                                model=TinyNet())
   assert sorted(os.listdir(ckpt_dir)) == ['10', '15', '16', '5']
-  straight, straight_history = training.train(
+  straight, straight_history = loop.train(
       config, str(tmp_path / 'straight'), dataset=dataset, model=TinyNet())
   assert int(resumed.step) == int(straight.step) == 16
-  _assert_trees_close(training._state_tree(resumed),
-                      training._state_tree(straight), 1e-6)
+  _assert_trees_close(checkpoint._state_tree(resumed),
+                      checkpoint._state_tree(straight), 1e-6)
 
   def rows(hist):
     return [(r['split'], r['step'], r['loss'], r['accuracy']) for r in hist]
@@ -202,7 +209,7 @@ def test_resume_after_kill_matches_uninterrupted_run(dataset, killed_run,
   assert rows(logged) == rows(straight_history)
   assert logged[-1]['split'] == 'test' and logged[-1]['count'] == 100
   # Re-running a finished run restores it and only re-evaluates.
-  again, _ = training.train(config, workdir, dataset=dataset, model=TinyNet())
+  again, _ = loop.train(config, workdir, dataset=dataset, model=TinyNet())
   _assert_trees_close(again.params, resumed.params, 0)
 
 
@@ -244,13 +251,13 @@ def test_corrupt_checkpoint_is_an_error_and_earlier_one_survives(
   with open(target, 'wb') as f:
     f.write(content)
 
-  with pytest.raises(training.CheckpointError,
+  with pytest.raises(errors.CheckpointError,
                      match=r'checkpoints/train/10 \(step 10\)') as err:
-    training.train(config, workdir, dataset=dataset, model=TinyNet())
+    loop.train(config, workdir, dataset=dataset, model=TinyNet())
   assert 'Earlier checkpoints: steps [5]' in str(err.value)
   assert sorted(int(s) for s in os.listdir(ckpt_dir)) == [5, 10]
   assert _snapshot(os.path.join(ckpt_dir, '5')) == step5_before
-  tree = training.restore_checkpoint(ckpt_dir, step=5)
+  tree = checkpoint.restore_checkpoint(ckpt_dir, step=5)
   assert int(tree['step']) == 5
   x = _batch(dataset)[0]
   TinyNet().apply({'params': tree['params'],
@@ -261,9 +268,9 @@ def test_incompatible_checkpoint_names_what_differs(dataset, killed_run,
                                                     tmp_path):
   config, killed = killed_run
   workdir = _copy(killed, tmp_path)
-  with pytest.raises(training.CheckpointError,
+  with pytest.raises(errors.CheckpointError,
                      match=r"does not match this run's train state") as err:
-    training.train(config, workdir, dataset=dataset)  # lenet5, not TinyNet.
+    loop.train(config, workdir, dataset=dataset)  # lenet5, not TinyNet.
   message = str(err.value)
   assert 'params/conv1/kernel' in message  # Missing in the checkpoint.
   assert 'params/Conv_0/kernel' in message  # Not in this run.
@@ -286,33 +293,33 @@ def test_bad_config_names_the_field(field, value, needle, tmp_path):
   config = make_config()
   with config.ignore_type():
     config[field] = value
-  with pytest.raises(training.ConfigError, match=needle.replace('(', r'\(')
+  with pytest.raises(errors.ConfigError, match=needle.replace('(', r'\(')
                      .replace('[', r'\[')):
-    training.train(config, str(tmp_path))  # Fails before loading data.
+    loop.train(config, str(tmp_path))  # Fails before loading data.
   assert not os.listdir(tmp_path)
 
 
 def test_config_batch_must_divide_over_devices_and_missing_field():
   config = make_config(batch_size=36)
-  with pytest.raises(training.ConfigError, match=r'config.batch_size=36 .*'
+  with pytest.raises(errors.ConfigError, match=r'config.batch_size=36 .*'
                      r'divisible by the number of devices \(8\)'):
-    training.validate_config(config, num_devices=8)
+    config_check.validate_config(config, num_devices=8)
   del config['seed']
-  with pytest.raises(training.ConfigError, match='config.seed is missing'):
-    training.validate_config(config)
+  with pytest.raises(errors.ConfigError, match='config.seed is missing'):
+    config_check.validate_config(config)
 
 
 def test_transformed_tree_trains_with_the_same_model(dataset, tmp_path):
   model = get_model('lenet5')
-  variables = training.init_variables(model, (1, 28, 28, 1),
-                                        jax.random.PRNGKey(0))
+  variables = state_lib.init_variables(model, (1, 28, 28, 1),
+                                       jax.random.PRNGKey(0))
   variables = tucker2_split(variables, 4, select=r'conv2')
   before = jax.tree.map(np.asarray, variables)
   config = make_config(num_epochs=1, learning_rate=3e-3)
-  state, history = training.train(config, str(tmp_path), dataset=dataset,
-                                  variables=variables, model=model,
-                                  penalty_fn=orthogonal_penalty,
-                                  penalty_weight=0.1, stage_name='finetune')
+  state, history = loop.train(config, str(tmp_path), dataset=dataset,
+                              variables=variables, model=model,
+                              penalty_fn=orthogonal_penalty,
+                              penalty_weight=0.1, stage_name='finetune')
   assert sorted(state.params['conv2']) == ['bias', 'core', 'u_in', 'u_out']
   _assert_trees_close(variables, before, 0)  # Input untouched (no donation).
   train_rows = [r for r in history if r['split'] == 'train']
@@ -320,13 +327,13 @@ def test_transformed_tree_trains_with_the_same_model(dataset, tmp_path):
   assert train_rows[-1]['loss'] < train_rows[0]['loss']
   assert history[-1]['split'] == 'test'
   # The saved checkpoint restores in its own (transformed) structure.
-  tree = training.restore_checkpoint(
+  tree = checkpoint.restore_checkpoint(
       str(tmp_path / 'checkpoints' / 'finetune'))
   x = _batch(dataset)[0]
   np.testing.assert_allclose(lj.apply(model, {'params': tree['params']}, x),
                              lj.apply(model, state.variables, x), atol=1e-6)
-  training.save_variables(str(tmp_path / 'final'), state.variables)
-  loaded = training.load_variables(str(tmp_path / 'final'))
+  checkpoint.save_variables(str(tmp_path / 'final'), state.variables)
+  loaded = checkpoint.load_variables(str(tmp_path / 'final'))
   assert loaded['params']['conv2']['core'].shape == (5, 5, 4, 4)
   np.testing.assert_array_equal(lj.apply(model, loaded, x),
                                 lj.apply(model, state.variables, x))
@@ -338,7 +345,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {repo!r})
     sys.path.insert(0, {tests!r})
     from test_training import TinyNet, make_config
-    from lowrank_jax import data, training
+    from lowrank_jax.train import data, loop, sharding
     assert jax.device_count() == 8, jax.devices()
     dataset = data.load_dataset('fashion_mnist_local', validation_size=128,
                                 train_subset=256, test_subset=100, seed=0)
@@ -347,10 +354,10 @@ _SHARDED_SCRIPT = textwrap.dedent('''
                          weight_decay=5e-4, checkpoint_every_steps=0)
     out = {{}}
     for n in (1, 8):
-      mesh = training.make_mesh(jax.devices()[:n])
-      state, history = training.train(config, {workdir!r} + str(n),
-                                      dataset=dataset, model=TinyNet(),
-                                      mesh=mesh)
+      mesh = sharding.make_mesh(jax.devices()[:n])
+      state, history = loop.train(config, {workdir!r} + str(n),
+                                  dataset=dataset, model=TinyNet(),
+                                  mesh=mesh)
       assert len(state.params['Conv_0']['kernel'].sharding.device_set) == n
       out[n] = (jax.device_get(state.variables), history[-1])
     diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
@@ -380,10 +387,10 @@ def test_eight_devices_match_one_device(tmp_path):
 
 
 def test_no_gain_rule():
-  assert not training._no_gain([0.5, 0.4, 0.3], 0)
-  assert not training._no_gain([0.5, 0.4], 2)
-  assert training._no_gain([0.5, 0.4, 0.5], 2)
-  assert not training._no_gain([0.5, 0.4, 0.6], 2)
+  assert not loop._no_gain([0.5, 0.4, 0.3], 0)
+  assert not loop._no_gain([0.5, 0.4], 2)
+  assert loop._no_gain([0.5, 0.4, 0.5], 2)
+  assert not loop._no_gain([0.5, 0.4, 0.6], 2)
 
 
 def test_early_stopping_stops_and_resumes_stopped(dataset, tmp_path):
@@ -391,13 +398,13 @@ def test_early_stopping_stops_and_resumes_stopped(dataset, tmp_path):
   # the run stops after its second evaluation, not after 6 epochs.
   config = make_config(num_epochs=6, learning_rate=1e-12, schedule='constant',
                        early_stopping_patience=1, checkpoint_every_steps=0)
-  state, history = training.train(config, str(tmp_path), dataset=dataset)
+  state, history = loop.train(config, str(tmp_path), dataset=dataset)
   evals = [r for r in history if r['split'] == 'validation']
   assert len(evals) == 2
   assert int(state.step) == 2 * 8
   assert [r for r in history if r['split'] == 'test']
   # Re-running the finished stage does no more steps.
-  state, _ = training.train(config, str(tmp_path), dataset=dataset)
+  state, _ = loop.train(config, str(tmp_path), dataset=dataset)
   assert int(state.step) == 2 * 8
 
 
@@ -406,7 +413,7 @@ def test_zero_size_leaves_survive_checkpoints(dataset, tmp_path):
   variables = {'params': {'layer': {'w': np.ones((3, 2), np.float32),
                                     'shape': np.zeros((0, 5, 7),
                                                       np.float32)}}}
-  training.save_variables(str(tmp_path / 'v'), variables)
-  back = training.load_variables(str(tmp_path / 'v'))
+  checkpoint.save_variables(str(tmp_path / 'v'), variables)
+  back = checkpoint.load_variables(str(tmp_path / 'v'))
   assert back['params']['layer']['shape'].shape == (0, 5, 7)
   np.testing.assert_array_equal(back['params']['layer']['w'], np.ones((3, 2)))

@@ -1,6 +1,13 @@
 """The training tool, one responsibility per module.
 
-* :mod:`~lowrank_jax.train.errors`: ``ConfigError``, ``CheckpointError``.
+Import the modules themselves (``from lowrank_jax.train import loop``); this
+package re-exports nothing, and the library (:mod:`lowrank_jax`) never
+imports it.
+
+* :mod:`~lowrank_jax.train.errors`: ``ConfigError``, ``CheckpointError``,
+  ``TrainingDiverged``.
+* :mod:`~lowrank_jax.train.data`: datasets as numpy arrays,
+  ``load_dataset``, ``iterate_batches``.
 * :mod:`~lowrank_jax.train.state`: ``TrainState``, ``create_train_state``,
   ``init_variables``.
 * :mod:`~lowrank_jax.train.config_check`: ``validate_config``,
@@ -15,7 +22,37 @@
   ``save_variables``, ``load_variables``.
 * :mod:`~lowrank_jax.train.metrics`: the metrics log, ``summarize``.
 * :mod:`~lowrank_jax.train.loop`: ``train`` (alias ``train_and_evaluate``),
-  ``load_dataset``.
+  ``load_dataset`` (from the config's data fields).
+* :mod:`~lowrank_jax.train.report`: ``report.json``, ``report.md`` and plots
+  of a job.
+* :mod:`~lowrank_jax.train.jobs`: the stage bookkeeping of a job (saved
+  stages, ``stages.json``, resume, measurements, report), ``validate``,
+  ``evaluate_variables``.
+* :mod:`~lowrank_jax.train.pipelines`: the jobs ``run_direct``,
+  ``run_he2024``, ``run_musco``, ``run_adtn`` (``PIPELINES``) and their
+  stages ``choose_ranks``, ``compress``, ``finetune_config``.
 
-:mod:`lowrank_jax.training` re-exports the public names of all of them.
+Data parallelism uses ``jax.sharding``: a 1-D :class:`~jax.sharding.Mesh` over
+all devices with axis ``'data'``; batches are sharded along axis 0
+(``P('data')``), the train state is replicated (``P()``), and the jitted steps
+carry these shardings, so XLA inserts the gradient all-reduce (and computes
+BatchNorm statistics over the *global* batch). The same code runs on one CPU,
+on 8 forced host devices, and on several hosts (see
+:func:`~lowrank_jax.train.config_check.maybe_initialize_distributed`).
+
+Layouts: batches are NHWC float32 images and (B,) int32 labels; params trees
+are the models' (conv kernels HWIO) or any transformed tree the same model
+runs.
+
+Every piece is importable on its own so a notebook can run a stage at a
+time::
+
+  from lowrank_jax.train import checkpoint, data, loop
+  config = configs.smoke.get_config()
+  dataset = data.load_dataset(config.dataset, train_subset=4096)
+  model = models.get_model('lenet5')
+  state, history = loop.train(config, '/tmp/run', dataset=dataset)
+  # ... transform state.params, e.g. tucker2_split, then fine-tune the new tree:
+  state2, _ = loop.train(config, '/tmp/run', variables=new_variables,
+                         model=model, stage_name='finetune')
 """

@@ -10,8 +10,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from lowrank_jax import data as data_lib
 from lowrank_jax import models as models_lib
+from lowrank_jax.train import data as data_lib
 from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.optim import OPTIMIZERS, SCHEDULES
 

@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from lowrank_jax import data as data_lib
 from lowrank_jax import models as models_lib
+from lowrank_jax.train import data as data_lib
 from lowrank_jax.train.checkpoint import (_config_diff, _config_json,
                                           _read_meta, checkpoint_steps,
                                           open_checkpoint_manager,

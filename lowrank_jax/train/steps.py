@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from lowrank_jax import data as data_lib
 from lowrank_jax import runner
+from lowrank_jax.train import data as data_lib
 from lowrank_jax.train.sharding import (batch_sharding, make_mesh, replicated,
                                         shard_batch)
 from lowrank_jax.train.state import PyTree, TrainState

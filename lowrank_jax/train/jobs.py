@@ -1,0 +1,230 @@
+"""The bookkeeping of a compression job: stages, resume, measurements, report.
+
+A job (see :mod:`lowrank_jax.train.pipelines` for the four of them) is a
+sequence of named stages. :class:`Job` runs a stage unless it is done, saves
+its output variables (``workdir/stages/<name>``, atomically), measures them
+(params, FLOPs, test and validation accuracy), records the stage in
+``workdir/stages.json`` and rewrites the report (``report.json``,
+``report.md``, plots); every training stage checkpoints as it goes, so
+re-running a killed job resumes at the stage and step it reached.
+
+:func:`validate` checks the compression fields of a config before any
+training time is spent; :func:`evaluate_variables` measures a variables tree
+on a dataset split (usable on its own in a notebook).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lowrank_jax import counting
+from lowrank_jax import models as models_lib
+from lowrank_jax import rank_rules
+from lowrank_jax import tree
+from lowrank_jax.train import checkpoint
+from lowrank_jax.train import data as data_lib
+from lowrank_jax.train import loop
+from lowrank_jax.train import metrics
+from lowrank_jax.train import report as report_lib
+from lowrank_jax.train import sharding
+from lowrank_jax.train import state as state_lib
+from lowrank_jax.train import steps
+from lowrank_jax.train.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------
+# The compression fields of a config.
+
+
+def selection_rules(config) -> list:
+  """The layer rules of ``config.compress``: exclude first, then select."""
+  rules = []
+  if config.compress.get('exclude'):
+    rules.append((config.compress.exclude, False))
+  rules.append((config.compress.get('select') or '.*', True))
+  return rules
+
+
+def min_rank_of(config) -> dict[str, int]:
+  """``{'kxk': ..., '1x1': ..., 'dense': ...}`` from ``config.compress``."""
+  c = config.compress
+  return {'kxk': c.min_rank_kxk, '1x1': c.min_rank_1x1,
+          'dense': c.min_rank_dense}
+
+
+def validate(config, *, model=None, input_shape=None) -> None:
+  """Checks the compression fields before any training time is spent."""
+  c = config.compress
+  errors = []
+  if c.rank_rule not in rank_rules.RULES:
+    errors.append(f'compress.rank_rule={c.rank_rule!r} is not one of '
+                  f'{rank_rules.RULES}')
+  if c.conv_form not in ('tucker2', 'cp'):
+    errors.append(f"compress.conv_form={c.conv_form!r}: use 'tucker2' or "
+                  "'cp'")
+  for key in ('min_rank_kxk', 'min_rank_1x1', 'min_rank_dense'):
+    if c[key] < 1:
+      errors.append(f'compress.{key}={c[key]} must be >= 1')
+  if not 0 < c.weaken <= 1 and c.rank_rule == 'weakened_vbmf':
+    errors.append(f'compress.weaken={c.weaken} must be in (0, 1] for the '
+                  'weakened_vbmf rule (0 would compress nothing)')
+  if config.pipeline == 'musco':
+    m = config.musco
+    if not 0 < m.weaken <= 1:
+      errors.append(f'musco.weaken={m.weaken} must be in (0, 1]: MUSCO with '
+                    'weaken 0 never compresses')
+    if m.n_stages < 1:
+      errors.append(f'musco.n_stages={m.n_stages} must be >= 1')
+    if m.layers_per_stage < 0:
+      errors.append(f'musco.layers_per_stage={m.layers_per_stage} must be '
+                    '>= 0 (0: all layers each stage)')
+  if config.pipeline == 'he2024' and config.he2024.expansion < 1:
+    errors.append(f'he2024.expansion={config.he2024.expansion} must be >= 1')
+  if config.pipeline == 'he2024' and config.he2024.penalty_weight < 0:
+    errors.append(f'he2024.penalty_weight={config.he2024.penalty_weight} '
+                  'must be >= 0')
+  if c.get('pretrained') and not os.path.isdir(c.pretrained):
+    errors.append(f'compress.pretrained={c.pretrained!r}: no saved variables '
+                  'there (a directory written by training.save_variables or '
+                  'a previous run\'s workdir/stages/baseline)')
+  if errors:
+    raise ConfigError('; '.join(errors))
+  if model is not None and c.rank_rule.endswith('_ratio'):
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False))
+    geometry = rank_rules.layer_geometry(model, shapes, input_shape)
+    paths = [p for p in tree.select_paths(
+        tree.layers(shapes['params']), selection_rules(config))
+             if p in geometry]
+    try:
+      rank_rules.ranks_for_ratio(
+          geometry, metric=c.rank_rule.split('_')[0], target=c.target_ratio,
+          paths=paths, min_rank=min_rank_of(config), conv_form=c.conv_form)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  else:
+    tree.normalize_rules(selection_rules(config))
+
+
+# ----------------------------------------------------------------------------
+# Measuring a stage.
+
+
+def evaluate_variables(model, variables, dataset: data_lib.Dataset, *,
+                       split: str = 'test', batch_size: int = 500) -> dict:
+  """Loss and accuracy of a variables tree on a dataset split."""
+  config = ml_collections.ConfigDict({'schedule': 'constant'})
+  mesh = sharding.make_mesh()
+  batch_size = max(mesh.size, batch_size - batch_size % mesh.size)
+  state = state_lib.create_train_state(
+      config, model, variables, (1,) + dataset.train.images.shape[1:],
+      jax.random.PRNGKey(0), tx=optax.identity(), mesh=mesh)
+  return steps.evaluate(state, model, getattr(dataset, split), dataset,
+                        batch_size, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------
+# Jobs.
+
+
+class Job:
+  """Stage bookkeeping, resume, and the report of one pipeline run."""
+
+  def __init__(self, config, workdir: str, pipeline: str):
+    self.config, self.workdir, self.pipeline = config, workdir, pipeline
+    os.makedirs(workdir, exist_ok=True)
+    self.dataset = loop.load_dataset(config)
+    self.model = models_lib.get_model(config.model,
+                                      num_classes=self.dataset.num_classes)
+    self.input_shape = (1,) + self.dataset.train.images.shape[1:]
+    validate(config, model=self.model, input_shape=self.input_shape)
+    self.index_path = os.path.join(workdir, 'stages.json')
+    self.index = {}
+    if os.path.exists(self.index_path):
+      with open(self.index_path) as f:
+        self.index = json.load(f)
+    self.report = self.index.get('_report') or {
+        'pipeline': pipeline, 'model': config.model,
+        'dataset': self.dataset.name, 'stages': [], 'layers': {},
+        'config': json.loads(config.to_json_best_effort())}
+
+  def stage(self, name: str, fn: Callable[[], tuple[Any, dict]]):
+    """Runs ``fn`` unless stage ``name`` is done; returns its variables."""
+    path = os.path.join(self.workdir, 'stages', name)
+    if self.index.get(name, {}).get('done'):
+      return checkpoint.load_variables(path)
+    t0 = time.time()
+    variables, info = fn()
+    checkpoint.save_variables(path, variables)
+    info = dict(info, name=name, wall_s=time.time() - t0)
+    info.update(self.measure(variables))
+    self.report['stages'].append(info)
+    self.index[name] = {'done': True}
+    self.index['_report'] = self.report
+    self._write_index()
+    report_lib.write_report(self.workdir, self.report)
+    return variables
+
+  def measure(self, variables) -> dict:
+    flops = counting.count_flops(self.model, variables, self.input_shape,
+                                 train=False)
+    return {'params': counting.count_params(variables),
+            'flops': flops.total,
+            'test': evaluate_variables(self.model, variables, self.dataset),
+            'validation': evaluate_variables(self.model, variables,
+                                             self.dataset,
+                                             split='validation')}
+
+  def _write_index(self):
+    tmp = self.index_path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(self.index, f, indent=1, default=_json_default)
+    os.replace(tmp, self.index_path)
+
+  def train(self, name, config, variables, **kwargs):
+    # Through the module attribute, so a test can replace loop.train.
+    state, history = loop.train(
+        config, self.workdir, dataset=self.dataset, variables=variables,
+        stage_name=name, model=self.model, **kwargs)
+    return state.variables, {'history_tail': metrics.summarize(history),
+                             'epochs': config.num_epochs}
+
+  def baseline(self):
+    """Trained baseline variables: from compress.pretrained, or trained."""
+    if self.config.compress.get('pretrained'):
+      return self.stage('baseline', lambda: (checkpoint.load_variables(
+          self.config.compress.pretrained), {'source': 'pretrained'}))
+    return self.stage('baseline', lambda: self.train('baseline', self.config,
+                                                     None))
+
+  def finish(self) -> dict:
+    report_lib.write_report(self.workdir, self.report)
+    stages = self.report['stages']
+    first, last = report_lib.reference_stage(stages), stages[-1]
+    return {'stages': [{k: s[k] for k in ('name', 'params', 'flops')} |
+                       {'test_accuracy': s['test']['accuracy']}
+                       for s in stages],
+            'params_ratio': first['params'] / last['params'],
+            'flops_ratio': first['flops'] / last['flops'],
+            'report': os.path.join(self.workdir, 'report.md')}
+
+
+def _json_default(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if hasattr(x, 'tolist'):
+    return np.asarray(x).tolist()
+  raise TypeError(f'not JSON serializable: {type(x).__name__}')
