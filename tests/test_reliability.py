@@ -59,3 +59,59 @@ def test_config_typo_is_an_error_naming_the_closest_field():
   assert "config.learnin_rate" in message and 'learning_rate' in message
   assert 'config.finetune.num_epoch' in message and 'num_epochs' in message
   config_check.check_known_fields(smoke.get_config(), default.get_config())
+
+
+_EIGHT = """
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+sys.path.insert(0, {root!r})
+import jax
+from configs import smoke
+from lowrank_jax.train import checkpoint, loop
+assert len(jax.devices()) == 8
+config = smoke.get_config()
+config.update({config!r})
+if sys.argv[1] == 'save':
+  state, _ = loop.train(config, sys.argv[2])
+  checkpoint.save_variables(sys.argv[2] + '/final', state.variables)
+else:
+  v = checkpoint.load_variables(sys.argv[2] + '/final')
+  tree = checkpoint.restore_checkpoint(sys.argv[2] + '/checkpoints/train')
+  config.num_epochs = 2
+  state, _ = loop.train(config, sys.argv[2])
+  print('resumed to step', int(state.step))
+"""
+
+
+@pytest.mark.parametrize('saved_on', [8, 1])
+def test_checkpoints_and_variables_restore_on_another_device_count(
+    tiny, tmp_path, saved_on):
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  fields = {k: tiny[k] for k in ('train_subset', 'validation_size',
+                                 'test_subset', 'batch_size', 'num_epochs',
+                                 'log_every_steps', 'checkpoint_every_steps',
+                                 'progress')}
+  script = _EIGHT.format(root=root, config=fields)
+  work = str(tmp_path)
+
+  def on_eight(mode):
+    out = subprocess.run([sys.executable, '-c', script, mode, work],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+  if saved_on == 8:
+    on_eight('save')
+    variables = checkpoint.load_variables(work + '/final')
+    tree = checkpoint.restore_checkpoint(work + '/checkpoints/train')
+    assert int(tree['step']) == 8
+    config = tiny.copy_and_resolve_references()
+    config.num_epochs = 2
+    state, _ = loop.train(config, work)      # resumes the 8-device run
+    assert int(state.step) == 16
+    assert set(variables['params']) == set(state.params)
+  else:
+    state, _ = loop.train(tiny, work)
+    checkpoint.save_variables(work + '/final', state.variables)
+    assert 'resumed to step 16' in on_eight('load')

@@ -227,6 +227,28 @@ def _restore_item(where: str, unreadable: str, **items):
                           f'{type(e).__name__}: {e}') from e
 
 
+def _saved_target(where: str, item: str, sharding):
+  """The tree saved as ``item`` at ``where``, as ``ShapeDtypeStruct`` s placed
+  on ``sharding``: Orbax then restores onto this run's devices, whatever the
+  device count it was saved with (without a target it refuses a different
+  topology). None if the metadata cannot be read (the restore reports it)."""
+  ocp = _ocp()
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)   # "no _CHECKPOINT_METADATA": expected
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(os.path.join(where, item)).item_metadata
+  except Exception:  # pylint: disable=broad-except
+    return None
+  finally:
+    absl_logger.setLevel(level)
+  tree = getattr(meta, 'tree', meta)
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+      tree)
+
+
 def _checked_meta(meta, subject: str) -> dict:
   """``meta`` if it is metadata of this format, else a
   :class:`CheckpointError` that begins with ``subject``."""
@@ -314,7 +336,8 @@ def restore_checkpoint(checkpoint_dir: str,
         _state_tree(state))
     restore = ocp.args.StandardRestore(_pack_empty(target))
   else:
-    restore = ocp.args.StandardRestore()
+    restore = ocp.args.StandardRestore(_saved_target(where, 'state',
+                                                     sharding))
   tree = _restore_item(
       where, f'{_step_subject(where, step)}: cannot read its arrays',
       state=restore).state
@@ -386,8 +409,9 @@ def load_variables(path: str) -> dict:
     raise CheckpointError(f'no saved variables at {path}')
   # One read of both items, as saved together.
   subject = f'saved variables at {path}'
+  target = _saved_target(path, 'variables', replicated(make_mesh()))
   restored = _restore_item(path, f'{subject} cannot be read',
-                           variables=ocp.args.StandardRestore(),
+                           variables=ocp.args.StandardRestore(target),
                            meta=ocp.args.JsonRestore())
   meta = _checked_meta(restored.meta, subject)
   variables = _unpack_empty(_plain_dict(restored.variables),
