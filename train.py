@@ -13,6 +13,7 @@ pipelines from ``lowrank_jax.train.pipelines.PIPELINES``.
 import json
 import os
 import sys
+import time
 from typing import Callable
 
 import jax
@@ -21,7 +22,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from configs import default as default_config
 from lowrank_jax.train import config_check
+from lowrank_jax.train import jobs
 from lowrank_jax.train import loop
 from lowrank_jax.train import metrics
 from lowrank_jax.train import pipelines as pipelines_lib
@@ -44,6 +47,25 @@ def get_pipelines() -> dict[str, Callable]:
   return {'train': _train, **pipelines_lib.PIPELINES}
 
 
+def _write_config(config, workdir: str) -> None:
+  """Writes ``config.json`` atomically; a different earlier one is kept,
+  appended to ``config_history.jsonl`` with the time it was replaced."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=2) + '\n'
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old == text:
+      return
+    with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
+      f.write(json.dumps({'replaced_at': time.time(),
+                          'config': json.loads(old or 'null')}) + '\n')
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -59,10 +81,13 @@ def main(argv):
   if config.pipeline not in pipelines:
     raise app.UsageError(f'config.pipeline={config.pipeline!r} is unknown; '
                          f'known pipelines: {sorted(pipelines)}')
+  # Nothing is written before the config is known to be valid.
+  config_check.check_known_fields(config, default_config.get_config())
+  config_check.validate_config(config)
+  if config.pipeline != 'train':
+    jobs.validate(config)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2) + '\n')
+    _write_config(config, workdir)
   summary = pipelines[config.pipeline](config, workdir)
   print(json.dumps({'pipeline': config.pipeline, 'workdir': workdir,
                     **(summary or {})}, indent=2))

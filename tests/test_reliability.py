@@ -115,3 +115,41 @@ def test_checkpoints_and_variables_restore_on_another_device_count(
     state, _ = loop.train(tiny, work)
     checkpoint.save_variables(work + '/final', state.variables)
     assert 'resumed to step 16' in on_eight('load')
+
+
+def test_cli_writes_nothing_for_a_bad_config(tmp_path):
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  work = tmp_path / 'run'
+  bad = tmp_path / 'typo.py'
+  bad.write_text('from configs import smoke\n\ndef get_config():\n'
+                 '  config = smoke.get_config()\n'
+                 '  config.learnin_rate = 5.0\n  return config\n')
+  for args, message in (
+      (['--config', os.path.join(root, 'configs', 'smoke.py'),
+        '--config.model=foo'], "config.model='foo' is not one of"),
+      (['--config', str(bad)], 'did you mean config.learning_rate?'),
+      (['--config', os.path.join(root, 'configs', 'smoke.py'),
+        '--config.learning_rat=1'], 'learning_rat')):
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, 'train.py'), *args,
+         '--workdir', str(work)], capture_output=True, text=True,
+        timeout=300, env={**os.environ, 'PYTHONPATH': root})
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
+    assert not work.exists()
+
+
+def test_config_json_keeps_its_history(tmp_path):
+  import json
+  import train as cli  # the top-level train.py
+  config = smoke.get_config()
+  cli._write_config(config, str(tmp_path))   # pylint: disable=protected-access
+  cli._write_config(config, str(tmp_path))   # pylint: disable=protected-access
+  assert not (tmp_path / 'config_history.jsonl').exists()
+  config.learning_rate = 0.5
+  cli._write_config(config, str(tmp_path))   # pylint: disable=protected-access
+  rows = [json.loads(l) for l in open(tmp_path / 'config_history.jsonl')]
+  assert [r['config']['learning_rate'] for r in rows] == [1e-3]
+  assert json.loads((tmp_path / 'config.json').read_text())[
+      'learning_rate'] == 0.5
