@@ -110,7 +110,7 @@ FORMS_OF = {'kxk': ('tucker2', 'cp', 'svd'), '1x1': ('svd',), 'fc': ('svd',)}
 def _random_variables(form, kernel_shape, ranks, dtype, key):
   """Random variables of a form (timing does not depend on the values)."""
   shapes = jax.tree.map(lambda s: s.shape,
-                        speed._stand_in(form, kernel_shape, ranks))
+                        forms.stand_in(form, kernel_shape, ranks))
   keys = iter(jax.random.split(key, len(shapes)))
   return {k: (jax.random.normal(next(keys), s) /
               np.sqrt(max(np.prod(s[:-1]), 1))).astype(dtype)
