@@ -211,7 +211,7 @@ def adtn_encode(params, *, select=None, depth: Depth,
 
   select_arg = select
   if select is None and isinstance(depth, Mapping):
-    select_arg = [transforms._escape(p) for p in depth]  # pylint: disable=protected-access
+    select_arg = [tree.exact(p) for p in depth]
   new, actions = transforms._apply(  # pylint: disable=protected-access
       params, None, select=select_arg, eligible=eligible, build=build,
       report=True)

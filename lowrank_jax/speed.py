@@ -23,7 +23,6 @@ reported separately.
 from __future__ import annotations
 
 import math
-import re
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -343,5 +342,5 @@ def never_slower(model, *args, margin: float = 1.0, dtype=jnp.float32,
       merged[path] = f'{why} < margin {margin:.2f}x'
   if merged:
     variables = transforms.collapse(
-        variables, select=[re.escape(p) for p in merged])
+        variables, select=[tree.exact(p) for p in merged])
   return variables, NeverSlowerReport(merged, kept, timings)

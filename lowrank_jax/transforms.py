@@ -88,7 +88,7 @@ def _apply(params, ranks, *, select, eligible, build, report):
       raise KeyError(f'ranks name no layer at {missing}; close paths: '
                      f'{tree._close(missing[0], all_layers)}')
     if select is None:
-      select = [_escape(p) for p in ranks]
+      select = [tree.exact(p) for p in ranks]
   chosen = tree.select_paths(all_layers, select)
   new, actions = {}, []
   for path in chosen:
@@ -122,9 +122,6 @@ def _apply(params, ranks, *, select, eligible, build, report):
   return (result, actions) if report else result
 
 
-def _escape(path: str) -> str:
-  import re
-  return re.escape(path)
 
 
 def _factorize(form_name: str, kinds: tuple[str, ...], mode_names, bounds_of,

@@ -186,6 +186,11 @@ def normalize_rules(select: Select) -> list[tuple[str, bool]]:
   return rules
 
 
+def exact(path: str) -> str:
+  """A selection rule that matches exactly ``path`` (regex-escaped)."""
+  return re.escape(path)
+
+
 def select_paths(paths: Iterable[str], select: Select) -> list[str]:
   """Paths chosen by regex rules, first match wins.
 

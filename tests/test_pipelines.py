@@ -198,3 +198,11 @@ def test_vgg16_adtn_config_switches_the_decode_stage_to_clipped_adam():
   assert (stage.optimizer, stage.learning_rate, stage.grad_clip,
           stage.weight_decay) == ('adam', 1e-3, 1.0, 0.0)
   optim.make_optimizer(stage, steps_per_epoch=10)   # a valid optax chain
+
+
+def test_direct_with_cp_convs(tmp_path):
+  summary = pipelines.run_direct(_config('direct', conv_form='cp'),
+                                 str(tmp_path))
+  assert summary['flops_ratio'] >= 1.3
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['layers']['conv2']['compress']['form_after'] == 'cp'

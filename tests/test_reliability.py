@@ -153,3 +153,35 @@ def test_config_json_keeps_its_history(tmp_path):
   assert [r['config']['learning_rate'] for r in rows] == [1e-3]
   assert json.loads((tmp_path / 'config.json').read_text())[
       'learning_rate'] == 0.5
+
+
+def test_workdir_bookkeeping_errors_name_the_file_and_the_fix(tmp_path, tiny):
+  import json
+  import shutil
+  from lowrank_jax.train import pipelines
+  config = tiny.copy_and_resolve_references()
+  config.pipeline = 'direct'
+  config.finetune.num_epochs = 1
+  config.compress.rank_rule = 'flops_ratio'
+  config.compress.target_ratio = 1.3
+  work = str(tmp_path)
+  pipelines.run_direct(config, work)
+  index = tmp_path / 'stages.json'
+  good = index.read_text()
+  # A stage run again is reported once.
+  entries = json.loads(good)
+  del entries['finetune']
+  index.write_text(json.dumps(entries))
+  summary = pipelines.run_direct(config, work)
+  names = [s['name'] for s in summary['stages']]
+  assert names == ['baseline', 'compress', 'finetune']
+  # A garbled index names the file.
+  index.write_text(good[:40])
+  with pytest.raises(errors.CheckpointError, match='stages.json is not valid'):
+    pipelines.run_direct(config, work)
+  index.write_text(good)
+  # A deleted stage directory says how to redo the stage.
+  shutil.rmtree(tmp_path / 'stages' / 'compress')
+  with pytest.raises(errors.CheckpointError,
+                     match="stage 'compress' is marked done.*delete the entry"):
+    pipelines.run_direct(config, work)

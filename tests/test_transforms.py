@@ -224,3 +224,21 @@ def test_count_flops_matches_xla_cost_analysis():
   assert report.per_layer['conv2'].macs == 10 * 10 * 16 * 25 * 6
   assert report.per_layer['conv2'].out_shape == (1, 10, 10, 16)
   assert report.total == sum(r.macs for r in report.per_layer.values())
+
+
+def test_cp_flops_match_xla_and_decompose_dispatches_cp():
+  model = lj.get_model('lenet5')
+  shape = (1, 28, 28, 1)
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros(shape))
+  split = lj.decompose(v, {'conv2': (6,), 'fc1': (12,)}, conv_form='cp')
+  assert lj.layer_forms(split)['conv2'] == 'cp'
+  assert lj.layer_forms(split)['fc1'] == 'svd'
+  report = lj.count_flops(model, split, shape)
+  k = report.per_layer['conv2']
+  # 1x1 6->6 on 14x14, depthwise 5x1 and 1x5, 1x1 6->16 on 10x10.
+  assert k.macs == 14 * 14 * 6 * 6 + 10 * 14 * 6 * 5 + 10 * 10 * 6 * 5 + \
+      10 * 10 * 6 * 16
+  cost = jax.jit(lambda x: lj.apply(model, split, x)).lower(
+      jnp.zeros(shape)).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert 0.95 < cost['flops'] / (2 * report.total) < 1.1

@@ -32,6 +32,7 @@ from lowrank_jax import rank_rules
 from lowrank_jax import tree
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import data as data_lib
+from lowrank_jax.train.errors import CheckpointError
 from lowrank_jax.train import loop
 from lowrank_jax.train import metrics
 from lowrank_jax.train import report as report_lib
@@ -151,7 +152,14 @@ class Job:
     self.index = {}
     if os.path.exists(self.index_path):
       with open(self.index_path) as f:
-        self.index = json.load(f)
+        text = f.read()
+      try:
+        self.index = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f'{self.index_path} is not valid JSON ({e}); it records which '
+            'stages are done: restore it, or delete it to redo every stage '
+            '(their saved variables are then overwritten)') from e
     self.report = self.index.get('_report') or {
         'pipeline': pipeline, 'model': config.model,
         'dataset': self.dataset.name, 'stages': [], 'layers': {},
@@ -161,12 +169,22 @@ class Job:
     """Runs ``fn`` unless stage ``name`` is done; returns its variables."""
     path = os.path.join(self.workdir, 'stages', name)
     if self.index.get(name, {}).get('done'):
+      if not os.path.isdir(path) and not os.path.isdir(f'{path}.old'):
+        raise CheckpointError(
+            f'stage {name!r} is marked done in {self.index_path} but its '
+            f'variables at {path} are gone. To redo it, delete the entry '
+            f'"{name}" (and those of the stages after it) from that file and '
+            'run the same command again; or use a new --workdir')
       return checkpoint.load_variables(path)
     t0 = time.time()
     variables, info = fn()
     checkpoint.save_variables(path, variables)
     info = dict(info, name=name, wall_s=time.time() - t0)
     info.update(self.measure(variables))
+    # A stage run again (its entry removed from stages.json) replaces its
+    # earlier row: each stage is reported once.
+    self.report['stages'] = [s for s in self.report['stages']
+                             if s.get('name') != name]
     self.report['stages'].append(info)
     self.index[name] = {'done': True}
     self.index['_report'] = self.report

@@ -77,8 +77,8 @@ def choose_ranks(variables, *, model, input_shape, rule: str = 'vbmf',
   per_path_min = {p: rank_rules.min_ranks_for(geometry[p], min_rank)
                   for p in paths}
   vb, vb_details = vbmf.vbmf_ranks(
-      variables, select=[_exact(p) for p in paths] or ['(?!)'], weaken=w,
-      min_rank={_exact(p): min(per_path_min[p]) for p in paths},
+      variables, select=[tree.exact(p) for p in paths] or ['(?!)'], weaken=w,
+      min_rank={tree.exact(p): min(per_path_min[p]) for p in paths},
       report=True) if paths else ({}, {})
   if rule in ('params_ratio', 'flops_ratio'):
     chosen = rank_rules.ranks_for_ratio(
@@ -112,11 +112,6 @@ def choose_ranks(variables, *, model, input_shape, rule: str = 'vbmf',
     d['chosen'] = list(ranks.get(p, ()))
     details[p] = d
   return ranks, details
-
-
-def _exact(path: str) -> str:
-  import re
-  return re.escape(path)
 
 
 def compress(variables, ranks: Mapping[str, tuple[int, ...]], *,
@@ -250,7 +245,7 @@ def run_musco(config, workdir: str) -> dict:
     # Chosen once: the check below and the compress stage share them.
     ranks, details = _config_ranks(
         job, variables, rule='weakened_vbmf', weaken=m.weaken,
-        select=[_exact(p) for p in group])
+        select=[tree.exact(p) for p in group])
     if not ranks:
       idle_groups += 1
       if idle_groups * group_size >= len(candidates):
