@@ -403,4 +403,15 @@ def evbmf(y: jax.Array, *, sigma2: Optional[Any] = None,
     raise ValueError(f'method must be one of {METHODS}, got {method!r}')
   dtype = _check_matrix(y)
   _check_concrete_input(y, sigma2, dtype)
+  if isinstance(y, jax.core.Tracer) or isinstance(sigma2, jax.core.Tracer):
+    return _evbmf_matrix(y, sigma2, method)[0]
+  # Called eagerly (a notebook): run one compiled program, cached per shape,
+  # dtype and method, instead of re-tracing its cond / scan on every call.
+  return _evbmf_compiled(jnp.asarray(y),
+                         None if sigma2 is None else jnp.asarray(sigma2),
+                         method)
+
+
+@functools.partial(jax.jit, static_argnames='method')
+def _evbmf_compiled(y, sigma2, method):
   return _evbmf_matrix(y, sigma2, method)[0]
