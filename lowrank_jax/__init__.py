@@ -13,6 +13,7 @@ from lowrank_jax.adtn import (adtn_encode, adtn_param_count, adtn_unshare,
                               ADTNLayerAction, decode_time, DecodeTime)
 from lowrank_jax.counting import (count_flops, count_params, FlopsReport,
                                   LayerFlops)
+from lowrank_jax.deploy import export
 from lowrank_jax.models import get_model, MODELS
 from lowrank_jax.nnx_surgery import FormLayer
 from lowrank_jax.penalties import orthogonal_penalty
@@ -43,6 +44,8 @@ __all__ = [
     'orthogonal_penalty', 'count_flops', 'count_params', 'FlopsReport',
     'LayerFlops', 'adtn_param_count', 'decode_time', 'DecodeTime',
     'time_layers', 'LayerTiming', 'never_slower', 'NeverSlowerReport',
+    # deployment
+    'export',
     # the built-in models
     'get_model', 'MODELS',
 ]

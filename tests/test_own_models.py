@@ -501,3 +501,21 @@ def test_ranks_for_a_layer_the_transform_cannot_split_are_an_error():
     lj.tucker2_split(v, {'Conv_1': ('3', '4')})
   with pytest.raises(ValueError, match="'Dense_1'.*do not fit"):
     lj.decompose(v, {'Dense_1': (2, 2)})
+
+
+def test_export_linen_and_nnx_with_symbolic_batch(linen_case, nnx_model,
+                                                  real_images):
+  model, variables, path, _ = linen_case
+  split = lj.tucker2_split(variables, {path: (4, 4)})
+  exported = lj.export(model, split, jnp.zeros(SHAPE), train=False)
+  again = jax.export.deserialize(exported.serialize())
+  for batch in (1, 8):
+    x = real_images[:batch]
+    np.testing.assert_allclose(again.call(x),
+                               lj.apply(model, split, x, train=False),
+                               atol=1e-5)
+  module = lj.tucker2_split(nnx_model, (4, 8), select='conv2')
+  module.eval()
+  exported = lj.export(module, jnp.zeros(SHAPE))
+  np.testing.assert_allclose(exported.call(real_images), module(real_images),
+                             atol=1e-5)

@@ -206,3 +206,32 @@ def test_direct_with_cp_convs(tmp_path):
   assert summary['flops_ratio'] >= 1.3
   report = json.loads((tmp_path / 'report.json').read_text())
   assert report['layers']['conv2']['compress']['form_after'] == 'cp'
+
+
+def test_the_pipeline_exports_a_network_that_runs_without_lowrank_jax(
+    tmp_path):
+  import subprocess
+  summary = pipelines.run_direct(_config('direct'), str(tmp_path))
+  export = tmp_path / 'export'
+  info = json.loads((export / 'export.json').read_text())
+  spec = json.loads((export / 'input_spec.json').read_text())
+  assert info['forms']['conv2'] == 'tucker2'
+  assert info['flops'] == summary['stages'][-1]['flops']
+  assert spec['shape'] == ['batch', 28, 28, 1]
+  x = np.random.default_rng(0).normal(size=(3, 28, 28, 1)).astype(np.float32)
+  np.save(tmp_path / 'x.npy', x)
+  code = (
+      'import sys, numpy as np, jax\n'
+      'from jax import export\n'
+      f'e = export.deserialize(open({str(export / "model.stablehlo")!r}, '
+      '"rb").read())\n'
+      f'np.save({str(tmp_path / "y.npy")!r}, '
+      f'np.asarray(e.call(np.load({str(tmp_path / "x.npy")!r}))))\n'
+      'assert not any(m.startswith("lowrank_jax") for m in sys.modules)\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, timeout=300, cwd=str(tmp_path))
+  assert out.returncode == 0, out.stderr[-2000:]
+  variables = checkpoint.load_variables(str(tmp_path / 'stages' /
+                                            'finetune'))
+  ref = lj.apply(lj.get_model('lenet5'), variables, x, train=False)
+  np.testing.assert_allclose(np.load(tmp_path / 'y.npy'), ref, atol=1e-5)

@@ -6,6 +6,7 @@ Array layouts: activations are NHWC; conv kernels are HWIO
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import NamedTuple, Sequence, Union
 
@@ -186,6 +187,18 @@ def as_matrix(f: jax.Array) -> jax.Array:
 # docs/benchmarks_layers.md); it only changes the choice where orders are
 # close in multiply-adds, e.g. a Tucker-2 input factor of 3 channels.
 ELEMENT_COST = 16
+
+
+# The size assumed for a symbolic dimension (jax.export's batch) when an
+# evaluation order is chosen from shapes; lowrank_jax.export sets it to the
+# example input's batch size.
+SYMBOLIC_DIM: contextvars.ContextVar = contextvars.ContextVar(
+    'lowrank_jax_symbolic_dim', default=1)
+
+
+def static_shape(shape) -> tuple[int, ...]:
+  """``shape`` with every symbolic dimension replaced by ``SYMBOLIC_DIM``."""
+  return tuple(d if isinstance(d, int) else SYMBOLIC_DIM.get() for d in shape)
 
 
 def order_cost(macs: int, moved: int, weight_macs: int = 0) -> int:

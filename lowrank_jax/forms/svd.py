@@ -90,7 +90,7 @@ def order_costs(v, in_shape, spec: base.LayerSpec) -> dict[str, int]:
 
 def choose_order(v, in_shape, spec: base.LayerSpec) -> str:
   """The cheapest order by :func:`order_costs` (static: shapes only)."""
-  return base.cheapest(order_costs(v, in_shape, spec))
+  return base.cheapest(order_costs(v, base.static_shape(in_shape), spec))
 
 
 def to_kernel(v):

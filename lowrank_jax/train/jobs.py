@@ -17,18 +17,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 import numpy as np
 import optax
 
 from lowrank_jax import counting
+from lowrank_jax import deploy
 from lowrank_jax import models as models_lib
+from lowrank_jax import nnx_surgery
 from lowrank_jax import rank_rules
+from lowrank_jax import transforms
 from lowrank_jax import tree
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import data as data_lib
@@ -175,7 +180,8 @@ class Job:
             f'variables at {path} are gone. To redo it, delete the entry '
             f'"{name}" (and those of the stages after it) from that file and '
             'run the same command again; or use a new --workdir')
-      return checkpoint.load_variables(path)
+      self.last = checkpoint.load_variables(path)
+      return self.last
     t0 = time.time()
     variables, info = fn()
     checkpoint.save_variables(path, variables)
@@ -186,6 +192,7 @@ class Job:
     self.report['stages'] = [s for s in self.report['stages']
                              if s.get('name') != name]
     self.report['stages'].append(info)
+    self.last = variables
     self.index[name] = {'done': True}
     self.index['_report'] = self.report
     self._write_index()
@@ -227,6 +234,8 @@ class Job:
   def finish(self) -> dict:
     report_lib.write_report(self.workdir, self.report)
     stages = self.report['stages']
+    if jax.process_index() == 0:
+      self.export(self.last, stages[-1])
     first, last = report_lib.reference_stage(stages), stages[-1]
     return {'stages': [{k: s[k] for k in ('name', 'params', 'flops')} |
                        {'test_accuracy': s['test']['accuracy']}
@@ -234,6 +243,47 @@ class Job:
             'params_ratio': first['params'] / last['params'],
             'flops_ratio': first['flops'] / last['flops'],
             'report': os.path.join(self.workdir, 'report.md')}
+
+  def export(self, variables, stage: dict) -> str:
+    """Writes ``DIR/export/``: the serialized StableHLO of the inference
+    function (weights embedded, batch symbolic), its input spec and a JSON
+    summary. Replaced whole, never half-written."""
+    example = jax.ShapeDtypeStruct(self.input_shape, np.float32)
+    model, args = _export_module(self.model, variables)
+    kwargs = {} if isinstance(model, nnx.Module) else {'train': False}
+    exported = deploy.export(model, *args, example, **kwargs)
+    out = os.path.join(self.workdir, 'export')
+    tmp = out + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, 'model.stablehlo'), 'wb') as f:
+      f.write(exported.serialize())
+    spec = {'shape': ['batch', *self.input_shape[1:]], 'dtype': 'float32',
+            'layout': 'NHWC',
+            'normalize': {'mean': np.asarray(self.dataset.mean).tolist(),
+                          'std': np.asarray(self.dataset.std).tolist()},
+            'how': 'x = (images / 255 - mean) / std; logits = '
+                   'jax.export.deserialize(data).call(x)'}
+    summary = {'model': self.config.model, 'pipeline': self.pipeline,
+               'stage': stage['name'], 'params': stage['params'],
+               'flops': stage['flops'],
+               'test_accuracy': stage['test']['accuracy'],
+               'forms': transforms.layer_forms(variables),
+               'platforms': list(exported.platforms),
+               'jax': jax.__version__}
+    for name, value in (('input_spec.json', spec), ('export.json', summary)):
+      with open(os.path.join(tmp, name), 'w') as f:
+        json.dump(value, f, indent=1, default=_json_default)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _export_module(model, variables):
+  """``(model, args)`` for :func:`lowrank_jax.export` of these variables."""
+  if isinstance(model, nnx_surgery.NNXModel):
+    return model.module(variables), ()
+  return model, (variables,)
 
 
 def _json_default(x):
