@@ -46,6 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3  # Checkpoints kept per stage.
   config.progress = True  # tqdm progress bar (only on a terminal).
   config.distributed = False  # Call jax.distributed.initialize() (multi-host).
+  config.coordinator_address = ''  # host:port of process 0 ('': auto-detect).
+  config.num_processes = config_dict.placeholder(int)  # Processes (None: auto).
+  config.process_id = config_dict.placeholder(int)  # This process (None: auto).
+  config.local_device_ids = ''  # e.g. '0,1': local devices used ('': all).
+  config.distributed_timeout_s = 300  # Seconds to wait for the coordinator.
 
   # Compression (pipelines direct, he2024, musco; see lowrank_jax.train.pipelines).
   config.compress = ml_collections.ConfigDict()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import socket
+import time
 from typing import Optional
 
 import jax
@@ -110,15 +112,15 @@ def validate_config(config: ml_collections.ConfigDict, *,
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """Calls ``jax.distributed.initialize()`` when ``config.distributed``.
+  """Calls ``jax.distributed.initialize`` when ``config.distributed``.
 
   Must run before anything touches the devices. On Cloud TPU, SLURM, Open MPI
-  and Kubernetes the cluster is detected automatically; elsewhere set on every
-  host ``JAX_COORDINATOR_ADDRESS=host:port`` (process 0's address), and pass
-  the process count and index through the cluster's variables (e.g. SLURM's
-  ``SLURM_NTASKS``/``SLURM_PROCID``, Open MPI's ``OMPI_COMM_WORLD_SIZE``/
-  ``OMPI_COMM_WORLD_RANK``); ``JAX_LOCAL_DEVICE_IDS`` restricts the local
-  devices. Every process then runs the same command; each loads the data,
+  and Kubernetes the cluster is detected automatically; on plain hosts set
+  ``config.coordinator_address`` (process 0's ``host:port``),
+  ``config.num_processes`` and ``config.process_id`` on each (and optionally
+  ``config.local_device_ids``); empty fields keep auto-detection. CPU runs use
+  gloo collectives. An unreachable coordinator is a ConfigError after
+  ``config.distributed_timeout_s`` seconds. Every process then runs the same command; each loads the data,
   iterates the same global batches and feeds its devices' shards.
   Idempotent: a second call is a no-op.
   """
@@ -126,7 +128,69 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     return
   if jax.distributed.is_initialized():
     return
-  jax.distributed.initialize()
+  kwargs = _distributed_args(config)
+  if kwargs.get('coordinator_address') and kwargs.get('process_id', 0) != 0:
+    # JAX's client aborts the whole process when it cannot reach the
+    # coordinator; check first, so the error names the field instead.
+    _wait_for_coordinator(kwargs['coordinator_address'],
+                          kwargs['initialization_timeout'])
+  # CPU processes exchange gradients through gloo (XLA:CPU has no default
+  # cross-process collectives); other backends ignore this option.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    where = kwargs.get('coordinator_address') or 'auto-detected'
+    raise ConfigError(
+        f'jax.distributed.initialize failed (config.coordinator_address='
+        f'{where!r}, config.num_processes={kwargs.get("num_processes")}, '
+        f'config.process_id={kwargs.get("process_id")}, waited up to '
+        f'config.distributed_timeout_s={kwargs["initialization_timeout"]} '
+        f's): {type(e).__name__}: {e}') from e
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Returns once ``host:port`` accepts a TCP connection; ConfigError after
+  ``timeout_s`` seconds."""
+  host, port = address.rsplit(':', 1)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ConfigError(
+            f'config.coordinator_address={address!r} is unreachable after '
+            f'config.distributed_timeout_s={timeout_s} s ({e}); start '
+            'process 0 there, or fix the address') from e
+      time.sleep(0.5)
+
+
+def _distributed_args(config) -> dict:
+  """``jax.distributed.initialize`` arguments from the config (checked)."""
+  kwargs = {'initialization_timeout':
+            int(config.get('distributed_timeout_s', 300))}
+  address = config.get('coordinator_address') or ''
+  if address:
+    if ':' not in address:
+      raise ConfigError(f'config.coordinator_address={address!r} must be '
+                        'host:port')
+    kwargs['coordinator_address'] = address
+  n, i = config.get('num_processes'), config.get('process_id')
+  if n is not None:
+    if n < 1:
+      raise ConfigError(f'config.num_processes={n} must be >= 1')
+    kwargs['num_processes'] = int(n)
+  if i is not None:
+    if i < 0 or (n is not None and i >= n):
+      raise ConfigError(f'config.process_id={i} must be in [0, '
+                        f'config.num_processes={n})')
+    kwargs['process_id'] = int(i)
+  ids = config.get('local_device_ids') or ''
+  if ids:
+    kwargs['local_device_ids'] = [int(d) for d in str(ids).split(',')]
+  return kwargs
 
 
 def check_known_fields(config: ml_collections.ConfigDict,

@@ -195,8 +195,9 @@ class Job:
     self.last = variables
     self.index[name] = {'done': True}
     self.index['_report'] = self.report
-    self._write_index()
-    report_lib.write_report(self.workdir, self.report)
+    if jax.process_index() == 0:   # one writer of the workdir's files
+      self._write_index()
+      report_lib.write_report(self.workdir, self.report)
     return variables
 
   def measure(self, variables) -> dict:
@@ -232,9 +233,9 @@ class Job:
                                                      None))
 
   def finish(self) -> dict:
-    report_lib.write_report(self.workdir, self.report)
     stages = self.report['stages']
     if jax.process_index() == 0:
+      report_lib.write_report(self.workdir, self.report)
       self.export(self.last, stages[-1])
     first, last = report_lib.reference_stage(stages), stages[-1]
     return {'stages': [{k: s[k] for k in ('name', 'params', 'flops')} |
