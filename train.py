@@ -86,6 +86,7 @@ def main(argv):
   config_check.validate_config(config)
   if config.pipeline != 'train':
     jobs.validate(config)
+    jobs.check_workdir(config, workdir)   # refuses a changed config
   if jax.process_index() == 0:
     _write_config(config, workdir)
   summary = pipelines[config.pipeline](config, workdir)

@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000  # Save period in steps (0: end only).
   config.keep_checkpoints = 3  # Checkpoints kept per stage.
   config.progress = True  # tqdm progress bar (only on a terminal).
+  config.redo_from = ''  # Stage to redo from after a config change ('': refuse).
   config.distributed = False  # Call jax.distributed.initialize() (multi-host).
   config.coordinator_address = ''  # host:port of process 0 ('': auto-detect).
   config.num_processes = config_dict.placeholder(int)  # Processes (None: auto).

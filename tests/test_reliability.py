@@ -185,3 +185,34 @@ def test_workdir_bookkeeping_errors_name_the_file_and_the_fix(tmp_path, tiny):
   with pytest.raises(errors.CheckpointError,
                      match="stage 'compress' is marked done.*delete the entry"):
     pipelines.run_direct(config, work)
+
+
+def test_a_changed_config_is_refused_or_redone_from_a_named_stage(
+    tmp_path, tiny):
+  import json
+  from lowrank_jax.train import pipelines
+  config = tiny.copy_and_resolve_references()
+  config.pipeline = 'direct'
+  config.finetune.num_epochs = 1
+  config.compress.rank_rule = 'flops_ratio'
+  config.compress.target_ratio = 1.3
+  work = str(tmp_path)
+  first = pipelines.run_direct(config, work)
+  baseline = (tmp_path / 'stages' / 'baseline').stat().st_mtime_ns
+  config.compress.target_ratio = 1.5
+  with pytest.raises(errors.ConfigError, match=(
+      r"compress.target_ratio \(1.3 -> 1.5\).*first stage this affects is "
+      r"'compress'.*--config.redo_from=compress")):
+    pipelines.run_direct(config, work)
+  config.redo_from = 'nope'
+  with pytest.raises(errors.ConfigError, match="redo_from='nope'"):
+    pipelines.run_direct(config, work)
+  config.redo_from = 'compress'
+  second = pipelines.run_direct(config, work)
+  assert [s['name'] for s in second['stages']] == [
+      'baseline', 'compress', 'finetune']
+  assert second['flops_ratio'] > first['flops_ratio']
+  # The baseline was kept, not retrained.
+  assert (tmp_path / 'stages' / 'baseline').stat().st_mtime_ns == baseline
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report["config"]["compress"]["target_ratio"] == 1.5

@@ -142,6 +142,82 @@ def evaluate_variables(model, variables, dataset: data_lib.Dataset, *,
 # Jobs.
 
 
+# Fields that change how a run is watched, not what it computes.
+_BOOKKEEPING = ('progress', 'log_every_steps', 'checkpoint_every_steps',
+                'keep_checkpoints', 'redo_from', 'distributed',
+                'coordinator_address', 'num_processes', 'process_id',
+                'local_device_ids', 'distributed_timeout_s', 'eval_batch_size')
+# The stage a changed config group first affects (other fields: the first).
+_FIRST_AFFECTED = {'compress': 'compress', 'finetune': 'finetune',
+                   'he2024': 'overparameterize', 'adtn': 'encode',
+                   'musco': 'stage1_compress'}
+
+
+def _read_index(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(
+        f'{path} is not valid JSON ({e}); it records which stages are done: '
+        'restore it, or delete it to redo every stage (their saved variables '
+        'are then overwritten)') from e
+
+
+def check_workdir(config, workdir: str) -> dict:
+  """The workdir's stage index, checked against ``config``.
+
+  A workdir describes its results: if stages are done under another config
+  (fields other than bookkeeping ones differ), the run is refused with the
+  changed fields and the first stage they affect, unless
+  ``config.redo_from`` names a done stage; then that stage and the ones
+  after it are dropped from the index (their saved variables are replaced
+  when they run again), and the rest is kept.
+
+  Returns:
+    The index to continue from.
+  """
+  path = os.path.join(workdir, 'stages.json')
+  index = _read_index(path)
+  report = index.get('_report') or {}
+  done = [s['name'] for s in report.get('stages', [])]
+  new = json.loads(config.to_json_best_effort())
+  changed = [f for f in checkpoint._config_diff(report.get('config'), new)  # pylint: disable=protected-access
+             if f.split('.')[0].split(' ')[0] not in _BOOKKEEPING]
+  if not changed or not done:
+    return index
+  redo = config.get('redo_from') or ''
+  if not redo:
+    group = changed[0].split('.')[0].split(' ')[0]
+    first = _FIRST_AFFECTED.get(group, done[0])
+    first = first if first in done else done[0]
+    raise ConfigError(
+        f'{workdir} holds stages {done} of another config; changed: '
+        f'{"; ".join(changed[:8])}. The first stage this affects is '
+        f'{first!r}: re-run with --config.redo_from={first} to redo it and '
+        'the stages after it (the earlier ones are kept), or use a new '
+        '--workdir')
+  if redo not in done:
+    raise ConfigError(f'config.redo_from={redo!r} is not a done stage of '
+                      f'{workdir}; done stages: {done}')
+  drop = done[done.index(redo):]
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  for name in drop:
+    index.pop(name, None)
+    # Their training checkpoints belong to the old config: moved aside
+    # (never deleted), so the redone stages train from their new inputs.
+    for ckpt in {name, 'adtn_train' if name == 'train' else name}:
+      old = os.path.join(workdir, 'checkpoints', ckpt)
+      if os.path.isdir(old):
+        os.replace(old, f'{old}.replaced-{stamp}')
+  report['stages'] = [s for s in report['stages'] if s['name'] not in drop]
+  report['config'] = new
+  return index
+
+
 class Job:
   """Stage bookkeeping, resume, and the report of one pipeline run."""
 
@@ -154,17 +230,7 @@ class Job:
     self.input_shape = (1,) + self.dataset.train.images.shape[1:]
     validate(config, model=self.model, input_shape=self.input_shape)
     self.index_path = os.path.join(workdir, 'stages.json')
-    self.index = {}
-    if os.path.exists(self.index_path):
-      with open(self.index_path) as f:
-        text = f.read()
-      try:
-        self.index = json.loads(text)
-      except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f'{self.index_path} is not valid JSON ({e}); it records which '
-            'stages are done: restore it, or delete it to redo every stage '
-            '(their saved variables are then overwritten)') from e
+    self.index = check_workdir(config, workdir)
     self.report = self.index.get('_report') or {
         'pipeline': pipeline, 'model': config.model,
         'dataset': self.dataset.name, 'stages': [], 'layers': {},
