@@ -114,3 +114,42 @@ def test_unreachable_coordinator_fails_in_bounded_time(tmp_path):
   assert 'ConfigError: config.coordinator_address=' in out.stdout, (
       out.stdout[-2000:], out.stderr[-2000:])
   assert 'unreachable after config.distributed_timeout_s=5' in out.stdout
+
+
+def test_killing_one_process_leaves_no_corrupt_checkpoint(tmp_path, fmnist):
+  import time
+  from lowrank_jax.train import checkpoint
+  del fmnist
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  port, work = _free_port(), tmp_path / 'run'
+  flags = ['--config.pipeline=train', '--config.num_epochs=3',
+           '--config.checkpoint_every_steps=2']
+  procs = [subprocess.Popen(
+      _command(work, *flags, '--config.distributed=True',
+               f'--config.coordinator_address=127.0.0.1:{port}',
+               '--config.num_processes=2', f'--config.process_id={i}',
+               '--config.distributed_timeout_s=60'),
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+           for i in range(2)]
+  ckpt = str(work / 'checkpoints' / 'train')
+  try:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(
+        checkpoint.checkpoint_steps(ckpt) if os.path.isdir(ckpt) else []) < 2:
+      assert all(p.poll() is None for p in procs), 'a process ended early'
+      time.sleep(0.2)
+    procs[1].kill()          # one host dies mid-run
+    time.sleep(2)
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  steps = checkpoint.checkpoint_steps(ckpt)
+  assert steps, 'no checkpoint was committed before the kill'
+  for step in steps:        # every committed checkpoint restores whole
+    checkpoint.restore_checkpoint(ckpt, step=step)
+  # A 1-process run with the same global batch resumes and finishes.
+  out = subprocess.run(_command(work, *flags), capture_output=True,
+                       text=True, timeout=600, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert max(checkpoint.checkpoint_steps(ckpt)) == 3 * 512 // 64

@@ -39,10 +39,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def shard_batch(arrays, mesh: Mesh):
   """Puts a global host batch on the mesh, split along axis 0.
 
-  Every process holds the same global batch (all iterate the same order), so
-  ``jax.make_array_from_process_local_data`` with ``global_shape`` equal to
-  the local shape picks each local device's slice; single-process it is a
-  plain sharded ``device_put``.
+  Every process iterates the same global batches (same seeded order); each
+  passes only its own contiguous share of the rows (process ``p`` of ``P``:
+  rows ``[p B / P, (p + 1) B / P)``) to
+  ``jax.make_array_from_process_local_data``, so the global batch is the same
+  whatever the process count. Single-process it is a plain sharded
+  ``device_put``.
 
   Args:
     arrays: a pytree of numpy arrays with equal leading size B.
@@ -59,9 +61,14 @@ def shard_batch(arrays, mesh: Mesh):
   if jax.process_count() == 1:
     # Same result, half the host overhead (measured: 0.26 vs 0.5 ms/batch).
     return jax.device_put(arrays, sharding)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x, x.shape),
-      arrays)
+  n, p = jax.process_count(), jax.process_index()
+
+  def local(x):
+    rows = x.shape[0] // n
+    return jax.make_array_from_process_local_data(
+        sharding, x[p * rows:(p + 1) * rows], x.shape)
+
+  return jax.tree.map(local, arrays)
 
 
 # Run-once functions (init) gain nothing from XLA's optimizations, which cost
