@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 import time
 
@@ -32,15 +31,6 @@ import hostinfo  # pylint: disable=g-import-not-at-top
 import lowrank_jax as lj  # pylint: disable=g-import-not-at-top
 
 
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--repeats', type=int, default=30)
@@ -53,9 +43,9 @@ def main(argv=None):
   first = lj.evbmf(y)
   first.rank.block_until_ready()
   first_s = time.perf_counter() - t0
-  ours_s = _median_time(lambda: lj.evbmf(y).rank.block_until_ready(),
-                        args.repeats)
-  ref_s = _median_time(lambda: reference(y), args.repeats)
+  ours_s, _ = bench_vbmf.timed(
+      lambda: lj.evbmf(y).rank.block_until_ready(), args.repeats)
+  ref_s, _ = bench_vbmf.timed(lambda: reference(y), args.repeats)
   ours_rank, ref_rank = int(lj.evbmf(y).rank), reference(y)[0]
   ratio = ours_s / ref_s
   verdict = 'met' if ratio <= 0.2 and ours_rank == ref_rank else 'not met'

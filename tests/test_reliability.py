@@ -155,15 +155,21 @@ def test_config_json_keeps_its_history(tmp_path):
       'learning_rate'] == 0.5
 
 
-def test_workdir_bookkeeping_errors_name_the_file_and_the_fix(tmp_path, tiny):
-  import json
-  import shutil
-  from lowrank_jax.train import pipelines
+def _direct(tiny):
+  """The tiny config as a direct job at a 1.3x FLOP target."""
   config = tiny.copy_and_resolve_references()
   config.pipeline = 'direct'
   config.finetune.num_epochs = 1
   config.compress.rank_rule = 'flops_ratio'
   config.compress.target_ratio = 1.3
+  return config
+
+
+def test_workdir_bookkeeping_errors_name_the_file_and_the_fix(tmp_path, tiny):
+  import json
+  import shutil
+  from lowrank_jax.train import pipelines
+  config = _direct(tiny)
   work = str(tmp_path)
   pipelines.run_direct(config, work)
   index = tmp_path / 'stages.json'
@@ -191,11 +197,7 @@ def test_a_changed_config_is_refused_or_redone_from_a_named_stage(
     tmp_path, tiny):
   import json
   from lowrank_jax.train import pipelines
-  config = tiny.copy_and_resolve_references()
-  config.pipeline = 'direct'
-  config.finetune.num_epochs = 1
-  config.compress.rank_rule = 'flops_ratio'
-  config.compress.target_ratio = 1.3
+  config = _direct(tiny)
   work = str(tmp_path)
   first = pipelines.run_direct(config, work)
   baseline = (tmp_path / 'stages' / 'baseline').stat().st_mtime_ns
