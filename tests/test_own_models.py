@@ -519,3 +519,15 @@ def test_export_linen_and_nnx_with_symbolic_batch(linen_case, nnx_model,
   exported = lj.export(module, jnp.zeros(SHAPE))
   np.testing.assert_allclose(exported.call(real_images), module(real_images),
                              atol=1e-5)
+
+
+def test_export_of_a_shared_adtn_member_without_its_group_names_the_layer():
+  from lowrank_jax.forms import adtn_shared
+  model = lj.get_model('lenet5')
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros(SHAPE))
+  shared = lj.adtn_encode(v, select='fc1|fc2', depth=2, steps=0, min_size=1,
+                          share=True, key=jax.random.PRNGKey(0))
+  orphan = {**shared, 'params': {k: x for k, x in shared['params'].items()
+                                 if k != adtn_shared.ROOT}}
+  with pytest.raises(ValueError, match="'fc1'"):
+    lj.export(model, orphan, jnp.zeros(SHAPE))

@@ -218,6 +218,8 @@ def test_the_pipeline_exports_a_network_that_runs_without_lowrank_jax(
   assert info['forms']['conv2'] == 'tucker2'
   assert info['flops'] == summary['stages'][-1]['flops']
   assert spec['shape'] == ['batch', 28, 28, 1]
+  assert (export / 'baseline.stablehlo').stat().st_size > (
+      export / 'model.stablehlo').stat().st_size
   x = np.random.default_rng(0).normal(size=(3, 28, 28, 1)).astype(np.float32)
   np.save(tmp_path / 'x.npy', x)
   code = (

@@ -316,15 +316,20 @@ class Job:
     function (weights embedded, batch symbolic), its input spec and a JSON
     summary. Replaced whole, never half-written."""
     example = jax.ShapeDtypeStruct(self.input_shape, np.float32)
-    model, args = _export_module(self.model, variables)
-    kwargs = {} if isinstance(model, nnx.Module) else {'train': False}
-    exported = deploy.export(model, *args, example, **kwargs)
     out = os.path.join(self.workdir, 'export')
     tmp = out + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    with open(os.path.join(tmp, 'model.stablehlo'), 'wb') as f:
-      f.write(exported.serialize())
+    reference = report_lib.reference_stage(self.report['stages'])['name']
+    # The compressed network, and the dense one it is compared with beside
+    # it (bench/bench_export.py measures the pair's latency).
+    for name, v in (('model', variables), ('baseline', checkpoint.load_variables(
+        os.path.join(self.workdir, 'stages', reference)))):
+      model, args = _export_module(self.model, v)
+      kwargs = {} if isinstance(model, nnx.Module) else {'train': False}
+      exported = deploy.export(model, *args, example, **kwargs)
+      with open(os.path.join(tmp, f'{name}.stablehlo'), 'wb') as f:
+        f.write(exported.serialize())
     spec = {'shape': ['batch', *self.input_shape[1:]], 'dtype': 'float32',
             'layout': 'NHWC',
             'normalize': {'mean': np.asarray(self.dataset.mean).tolist(),
@@ -336,6 +341,7 @@ class Job:
                'flops': stage['flops'],
                'test_accuracy': stage['test']['accuracy'],
                'forms': transforms.layer_forms(variables),
+               'baseline_stage': reference,
                'platforms': list(exported.platforms),
                'jax': jax.__version__}
     for name, value in (('input_spec.json', spec), ('export.json', summary)):
