@@ -300,9 +300,14 @@ class Job:
 
   def finish(self) -> dict:
     stages = self.report['stages']
+    # Every process reads (Orbax restores are collective on several
+    # hosts); process 0 alone writes.
+    reference = report_lib.reference_stage(stages)['name']
+    baseline = checkpoint.load_variables(
+        os.path.join(self.workdir, 'stages', reference))
     if jax.process_index() == 0:
       report_lib.write_report(self.workdir, self.report)
-      self.export(self.last, stages[-1])
+      self.export(self.last, baseline, stages[-1], reference)
     first, last = report_lib.reference_stage(stages), stages[-1]
     return {'stages': [{k: s[k] for k in ('name', 'params', 'flops')} |
                        {'test_accuracy': s['test']['accuracy']}
@@ -311,7 +316,7 @@ class Job:
             'flops_ratio': first['flops'] / last['flops'],
             'report': os.path.join(self.workdir, 'report.md')}
 
-  def export(self, variables, stage: dict) -> str:
+  def export(self, variables, baseline, stage: dict, reference: str) -> str:
     """Writes ``DIR/export/``: the serialized StableHLO of the inference
     function (weights embedded, batch symbolic), its input spec and a JSON
     summary. Replaced whole, never half-written."""
@@ -320,11 +325,9 @@ class Job:
     tmp = out + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    reference = report_lib.reference_stage(self.report['stages'])['name']
     # The compressed network, and the dense one it is compared with beside
     # it (bench/bench_export.py measures the pair's latency).
-    for name, v in (('model', variables), ('baseline', checkpoint.load_variables(
-        os.path.join(self.workdir, 'stages', reference)))):
+    for name, v in (('model', variables), ('baseline', baseline)):
       model, args = _export_module(self.model, v)
       kwargs = {} if isinstance(model, nnx.Module) else {'train': False}
       exported = deploy.export(model, *args, example, **kwargs)
