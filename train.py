@@ -23,6 +23,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from configs import default as default_config
+from lowrank_jax import models
 from lowrank_jax.train import config_check
 from lowrank_jax.train import jobs
 from lowrank_jax.train import loop
@@ -85,7 +86,11 @@ def main(argv):
   config_check.check_known_fields(config, default_config.get_config())
   config_check.validate_config(config)
   if config.pipeline != 'train':
-    jobs.validate(config)
+    # Selection rules and FLOP targets resolve against the model's layers.
+    dataset = loop.load_dataset(config)
+    jobs.validate(config, model=models.get_model(
+        config.model, num_classes=dataset.num_classes),
+                  input_shape=(1,) + dataset.train.images.shape[1:])
     jobs.check_workdir(config, workdir)   # refuses a changed config
   if jax.process_index() == 0:
     _write_config(config, workdir)

@@ -130,7 +130,13 @@ def test_cli_writes_nothing_for_a_bad_config(tmp_path):
         '--config.model=foo'], "config.model='foo' is not one of"),
       (['--config', str(bad)], 'did you mean config.learning_rate?'),
       (['--config', os.path.join(root, 'configs', 'smoke.py'),
-        '--config.learning_rat=1'], 'learning_rat')):
+        '--config.learning_rat=1'], 'learning_rat'),
+      (['--config', os.path.join(root, 'configs', 'smoke.py'),
+        '--config.pipeline=direct', '--config.compress.select=(['],
+       "compress.select='([' is not a valid regex"),
+      (['--config', os.path.join(root, 'configs', 'smoke.py'),
+        '--config.pipeline=direct', '--config.compress.select=nolayer'],
+       "selection rule 'nolayer' matches no layer")):
     out = subprocess.run(
         [sys.executable, os.path.join(root, 'train.py'), *args,
          '--workdir', str(work)], capture_output=True, text=True,

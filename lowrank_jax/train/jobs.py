@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable
@@ -100,10 +101,24 @@ def validate(config, *, model=None, input_shape=None) -> None:
                   'must be >= 0')
   if c.get('pretrained') and not os.path.isdir(c.pretrained):
     errors.append(f'compress.pretrained={c.pretrained!r}: no saved variables '
-                  'there (a directory written by training.save_variables or '
-                  'a previous run\'s workdir/stages/baseline)')
+                  'there (a directory written by checkpoint.save_variables '
+                  'or a previous run\'s workdir/stages/baseline)')
+  for field in ('select', 'exclude'):
+    if c.get(field):
+      try:
+        re.compile(c[field])
+      except re.error as e:
+        errors.append(f'compress.{field}={c[field]!r} is not a valid regex: '
+                      f'{e}')
   if errors:
     raise ConfigError('; '.join(errors))
+  if model is not None:
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False))
+    try:   # the rules resolve against the model's layers, before training
+      tree.select_paths(tree.find_layers(shapes), selection_rules(config))
+    except ValueError as e:
+      raise ConfigError(f'compress.select / compress.exclude: {e}') from e
   if model is not None and c.rank_rule.endswith('_ratio'):
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False))
@@ -223,12 +238,12 @@ class Job:
 
   def __init__(self, config, workdir: str, pipeline: str):
     self.config, self.workdir, self.pipeline = config, workdir, pipeline
-    os.makedirs(workdir, exist_ok=True)
     self.dataset = loop.load_dataset(config)
     self.model = models_lib.get_model(config.model,
                                       num_classes=self.dataset.num_classes)
     self.input_shape = (1,) + self.dataset.train.images.shape[1:]
     validate(config, model=self.model, input_shape=self.input_shape)
+    os.makedirs(workdir, exist_ok=True)   # only once the config is valid
     self.index_path = os.path.join(workdir, 'stages.json')
     self.index = check_workdir(config, workdir)
     self.report = self.index.get('_report') or {
