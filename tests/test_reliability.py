@@ -224,3 +224,21 @@ def test_a_changed_config_is_refused_or_redone_from_a_named_stage(
   assert (tmp_path / 'stages' / 'baseline').stat().st_mtime_ns == baseline
   report = json.loads((tmp_path / 'report.json').read_text())
   assert report["config"]["compress"]["target_ratio"] == 1.5
+
+
+def test_metrics_rows_left_out_on_resume_are_kept_aside(tmp_path):
+  import json
+  from lowrank_jax.train import metrics
+  rows = [{'stage': 'train', 'split': 'train', 'step': s, 'loss': 1.0}
+          for s in (2, 4, 6)]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    for r in rows:
+      f.write(json.dumps(r) + '\n')
+    f.write('{"stage": "train", "spl')          # cut by a kill
+  log = metrics._MetricsLog(str(tmp_path), 'train', resume_step=4)  # pylint: disable=protected-access
+  log.close()
+  kept = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in kept] == [2, 4]
+  aside = [json.loads(l) for l in open(tmp_path / 'metrics_dropped.jsonl')]
+  assert [d.get('row', {}).get('step') for d in aside] == [None, 6]
+  assert aside[0]['text'].startswith('{"stage": "train", "spl')

@@ -18,8 +18,10 @@ class _MetricsLog:
   """JSON lines (``workdir/metrics.jsonl``) plus TensorBoard, process 0 only.
 
   On resume from step ``s`` the rows of this stage after ``s`` (written after
-  the checkpoint by the killed run) and its old test rows are dropped, so the
-  file reads like the log of one uninterrupted run.
+  the checkpoint by the killed run), its old test rows and a line cut by a
+  kill leave ``metrics.jsonl``, so the file reads like the log of one
+  uninterrupted run; they are appended to ``metrics_dropped.jsonl`` with the
+  reason, never lost.
   """
 
   def __init__(self, workdir: str, stage: str, resume_step: int):
@@ -31,16 +33,25 @@ class _MetricsLog:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    rows, kept = [], []
+    rows, kept, dropped = [], [], []
     if os.path.exists(self.path):
       with open(self.path) as f:
         for line in f:
           try:
             rows.append(json.loads(line))
           except json.JSONDecodeError:
-            pass  # A line cut by a kill.
-      kept = [r for r in rows if r.get('stage') != stage or (
-          r.get('step', 0) <= resume_step and r.get('split') != 'test')]
+            dropped.append({'reason': 'a line cut by a kill', 'text': line})
+      for r in rows:
+        if r.get('stage') != stage or (
+            r.get('step', 0) <= resume_step and r.get('split') != 'test'):
+          kept.append(r)
+        else:
+          dropped.append({'reason': f'{stage} resumed at step {resume_step}',
+                          'row': r})
+      if dropped:
+        with open(os.path.join(workdir, 'metrics_dropped.jsonl'), 'a') as f:
+          for d in dropped:
+            f.write(json.dumps(d) + '\n')
       tmp = self.path + '.tmp'
       with open(tmp, 'w') as f:
         for row in kept:
