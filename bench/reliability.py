@@ -143,7 +143,8 @@ def main():
     command = ' '.join(a if ' ' not in a and '\n' not in a else repr(a)
                        for a in argv).replace(sys.executable, 'python')
     command = command.replace(work, 'WORK')
-    rows.append((name, command, code, err.replace('|', '/'), lost, ok))
+    rows.append((name, command, code,
+                 err.replace(work, 'WORK').replace('|', '/'), lost, ok))
     print(f'{name}: exit {code}, {lost}: {err[:120]}', flush=True)
   date = datetime.datetime.now(datetime.timezone.utc).strftime(
       '%Y-%m-%d %H:%M UTC')

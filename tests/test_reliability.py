@@ -136,7 +136,10 @@ def test_cli_writes_nothing_for_a_bad_config(tmp_path):
        "compress.select='([' is not a valid regex"),
       (['--config', os.path.join(root, 'configs', 'smoke.py'),
         '--config.pipeline=direct', '--config.compress.select=nolayer'],
-       "selection rule 'nolayer' matches no layer")):
+       "selection rule 'nolayer' matches no layer"),
+      (['--config', os.path.join(root, 'configs', 'smoke.py'),
+        '--config.pipeline=adtn', '--config.adtn.nonlinearity=gelu'],
+       "adtn.nonlinearity='gelu' is not one of")):
     out = subprocess.run(
         [sys.executable, os.path.join(root, 'train.py'), *args,
          '--workdir', str(work)], capture_output=True, text=True,

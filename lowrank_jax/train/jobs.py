@@ -36,6 +36,7 @@ from lowrank_jax import nnx_surgery
 from lowrank_jax import rank_rules
 from lowrank_jax import transforms
 from lowrank_jax import tree
+from lowrank_jax.forms import adtn as adtn_form
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import data as data_lib
 from lowrank_jax.train.errors import CheckpointError
@@ -66,6 +67,28 @@ def min_rank_of(config) -> dict[str, int]:
   c = config.compress
   return {'kxk': c.min_rank_kxk, '1x1': c.min_rank_1x1,
           'dense': c.min_rank_dense}
+
+
+def _adtn_errors(a) -> list[str]:
+  """What is wrong with the ``adtn.*`` fields (checked before training)."""
+  errors = []
+  if a.nonlinearity not in adtn_form.NONLINEARITIES:
+    errors.append(f'adtn.nonlinearity={a.nonlinearity!r} is not one of '
+                  f'{sorted(adtn_form.NONLINEARITIES)}')
+  for field, low in (('depth', 1), ('fit_steps', 0), ('min_size', 1)):
+    value = a[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      errors.append(f'adtn.{field}={value!r} must be an int >= {low}')
+  for field in ('fit_learning_rate', 'noise'):
+    if not a[field] >= 0 or (field == 'fit_learning_rate' and a[field] == 0):
+      errors.append(f'adtn.{field}={a[field]!r} must be > 0' if field ==
+                    'fit_learning_rate' else f'adtn.{field}={a[field]!r} '
+                    'must be >= 0')
+  try:
+    re.compile(a.select)
+  except re.error as e:
+    errors.append(f'adtn.select={a.select!r} is not a valid regex: {e}')
+  return errors
 
 
 def validate(config, *, model=None, input_shape=None) -> None:
@@ -103,6 +126,8 @@ def validate(config, *, model=None, input_shape=None) -> None:
     errors.append(f'compress.pretrained={c.pretrained!r}: no saved variables '
                   'there (a directory written by checkpoint.save_variables '
                   'or a previous run\'s workdir/stages/baseline)')
+  if config.pipeline == 'adtn':
+    errors += _adtn_errors(config.adtn)
   for field in ('select', 'exclude'):
     if c.get(field):
       try:
@@ -119,6 +144,11 @@ def validate(config, *, model=None, input_shape=None) -> None:
       tree.select_paths(tree.find_layers(shapes), selection_rules(config))
     except ValueError as e:
       raise ConfigError(f'compress.select / compress.exclude: {e}') from e
+    if config.pipeline == 'adtn':
+      try:
+        tree.select_paths(tree.find_layers(shapes), config.adtn.select)
+      except ValueError as e:
+        raise ConfigError(f'adtn.select: {e}') from e
   if model is not None and c.rank_rule.endswith('_ratio'):
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False))
