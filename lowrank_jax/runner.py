@@ -186,7 +186,7 @@ def run_layer(module, variables: Mapping[str, jax.Array], x, *, path: str,
     y = module_form.forward(v, x, spec)
   if 'bias' in v:
     y = y + v['bias']
-  _record(module, path, LayerCall(spec, tuple(x.shape), tuple(y.shape)))
+  _record(path, LayerCall(spec, tuple(x.shape), tuple(y.shape)))
   if prepared.batch_shape is not None:
     y = jnp.reshape(y, prepared.batch_shape + y.shape[1:])
   return y
@@ -218,8 +218,7 @@ def recording() -> bool:
   return _RECORDER.get() is not None
 
 
-def _record(module, path: str, call: LayerCall) -> None:
-  del module
+def _record(path: str, call: LayerCall) -> None:
   calls = _RECORDER.get()
   if calls is not None:
     calls[path] = call
@@ -270,7 +269,7 @@ def _run_via_flax(next_fun, args, kwargs, module, x, path):
   if _RECORDER.get() is not None:
     prepared = _prepare(module, x, 'dense', path)
     batch_dims = x.ndim - prepared.x.ndim + 1
-    _record(module, path, LayerCall(
+    _record(path, LayerCall(
         prepared.spec, tuple(prepared.x.shape),
         (prepared.x.shape[0],) + tuple(y.shape[batch_dims:])))
   return y
