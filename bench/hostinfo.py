@@ -13,3 +13,12 @@ def cpu_name() -> str:
   except OSError:
     pass
   return ''
+
+
+def machine_line() -> str:
+  """``Machine: CPU, cores, jax version, backend, load average now.``"""
+  import os  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  return (f'Machine: {cpu_name()}, {os.cpu_count()} cores, jax '
+          f'{jax.__version__}, backend {jax.default_backend()}, load average '
+          f'{os.getloadavg()[0]:.1f} at the end.')

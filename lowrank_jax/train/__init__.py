@@ -32,13 +32,8 @@ imports it.
   ``run_he2024``, ``run_musco``, ``run_adtn`` (``PIPELINES``) and their
   stages ``choose_ranks``, ``compress``, ``finetune_config``.
 
-Data parallelism uses ``jax.sharding``: a 1-D :class:`~jax.sharding.Mesh` over
-all devices with axis ``'data'``; batches are sharded along axis 0
-(``P('data')``), the train state is replicated (``P()``), and the jitted steps
-carry these shardings, so XLA inserts the gradient all-reduce (and computes
-BatchNorm statistics over the *global* batch). The same code runs on one CPU,
-on 8 forced host devices, and on several hosts (see
-:func:`~lowrank_jax.train.config_check.maybe_initialize_distributed`).
+Data parallelism (one mesh axis ``'data'``, batches sharded, state
+replicated) is described in :mod:`~lowrank_jax.train.sharding`.
 
 Layouts: batches are NHWC float32 images and (B,) int32 labels; params trees
 are the models' (conv kernels HWIO) or any transformed tree the same model
