@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 import hostinfo  # noqa: E402
+from lowrank_jax import counting  # noqa: E402
 from lowrank_jax import forms  # noqa: E402
 from lowrank_jax import models  # noqa: E402
 from lowrank_jax import speed  # noqa: E402
@@ -88,8 +89,8 @@ def conv_shapes(model_names):
     variables = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                            train=False))
-    for path, call in speed.layer_calls(model, variables,
-                                        (1, 32, 32, 3)).items():
+    for path, call in counting.called_layers(model, variables,
+                                             (1, 32, 32, 3)).items():
       kshape = tuple(call.variables['kernel'].shape)
       if len(kshape) == 2:
         kind, key = 'fc', ('fc', kshape[0], kshape[1], 1, 1, 1)

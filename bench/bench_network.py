@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import bench_layers  # noqa: E402
 import lowrank_jax as lj  # noqa: E402
 from lowrank_jax import count_flops  # noqa: E402
+from lowrank_jax import counting  # noqa: E402
 from lowrank_jax import models  # noqa: E402
 from lowrank_jax import speed  # noqa: E402
 from lowrank_jax import tree  # noqa: E402
@@ -42,7 +43,7 @@ from lowrank_jax import tree  # noqa: E402
 def compress(model, variables, input_shape, ratio):
   """Tucker-2 on k x k convs, SVD on 1x1 convs and dense layers, per-layer
   ranks for a ``ratio`` FLOP reduction (random factors of those shapes)."""
-  calls = speed.layer_calls(model, variables, input_shape)
+  calls = counting.called_layers(model, variables, input_shape)
   params, rebuild = tree.split_variables(variables)
   new, ranks = {}, {}
   key = jax.random.PRNGKey(7)

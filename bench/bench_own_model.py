@@ -63,6 +63,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import bench_layers  # noqa: E402  (machine line, built on hostinfo)
 import lowrank_jax as lj  # noqa: E402
+from lowrank_jax import counting  # noqa: E402
 from lowrank_jax import forms  # noqa: E402
 from lowrank_jax import speed  # noqa: E402
 
@@ -349,7 +350,7 @@ def _check(out, ref, what):
 def layer_orders(model, split, shape):
   """{path: evaluation order lj picks} for the split layers at ``shape``."""
   out = {}
-  for path, call in speed.layer_calls(model, split, shape).items():
+  for path, call in counting.called_layers(model, split, shape).items():
     form = forms.identify(set(call.variables) - {'bias'}, strict=False)
     if form in (None, 'dense'):
       continue

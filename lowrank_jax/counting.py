@@ -13,6 +13,7 @@ from lowrank_jax import runner
 from lowrank_jax import forms
 from lowrank_jax import nnx_surgery
 from lowrank_jax import tree
+from lowrank_jax.forms import base
 
 
 def count_params(variables, *, report: bool = False):
@@ -48,6 +49,14 @@ class FlopsReport(NamedTuple):
 
 
 LayerCall = runner.LayerCall
+
+
+class CalledLayer(NamedTuple):
+  """A layer's variables and its call: what is needed to run it alone."""
+  variables: dict             # the layer's variables, in its current form
+  spec: base.LayerSpec
+  in_shape: tuple[int, ...]   # as :class:`LayerCall`
+  out_shape: tuple[int, ...]
 
 
 def _model_args(model, args):
@@ -108,11 +117,30 @@ def layer_calls(model, *args, dtype=jnp.float32,
   return calls
 
 
+def called_layers(model, *args, dtype=jnp.float32,
+                  **apply_kwargs) -> dict[str, CalledLayer]:
+  """:func:`layer_calls` with each layer's variables beside its call.
+
+  Same arguments as :func:`layer_calls`; the variables are those of the tree
+  (or module) passed in, so they may be arrays or shape stand-ins.
+
+  Returns:
+    ``{layer path: CalledLayer}`` in call order.
+  """
+  variables = model if isinstance(model, nnx.Module) else args[0]
+  params, _ = tree.split_variables(variables)
+  all_layers = tree.layers(params)
+  return {p: CalledLayer(all_layers[p], *c)
+          for p, c in layer_calls(model, *args, dtype=dtype,
+                                  **apply_kwargs).items()
+          if p in all_layers}
+
+
 def count_flops(model, *args, dtype=jnp.float32,
                 **apply_kwargs) -> FlopsReport:
   """Multiply-adds of the conv and dense layers for one forward pass.
 
-  Shapes are traced with :func:`layer_calls` (nothing is computed); each
+  Shapes are traced with :func:`called_layers` (nothing is computed); each
   layer's count comes from its form (``forms.<form>.flops``), so a split
   tree is counted as it runs. Batch norm, activations and pooling are not
   counted.
@@ -128,15 +156,12 @@ def count_flops(model, *args, dtype=jnp.float32,
   Returns:
     A :class:`FlopsReport` (the batch size multiplies counts).
   """
-  calls = layer_calls(model, *args, dtype=dtype, **apply_kwargs)
-  variables = model if isinstance(model, nnx.Module) else args[0]
-  params, _ = tree.split_variables(variables)
-  all_layers = tree.layers(params)
   records = {}
-  for path, call in calls.items():
-    v = all_layers[path]
-    form = forms.identify(v)
-    macs = forms.get(form).flops(v, call.spec, call.in_shape, call.out_shape)
+  for path, call in called_layers(model, *args, dtype=dtype,
+                                  **apply_kwargs).items():
+    form = forms.identify(call.variables)
+    macs = forms.get(form).flops(call.variables, call.spec, call.in_shape,
+                                 call.out_shape)
     records[path] = LayerFlops(form, call.in_shape, call.out_shape, int(macs))
   return FlopsReport(sum(r.macs for r in records.values()), records)
 

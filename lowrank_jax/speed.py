@@ -218,31 +218,6 @@ def rank_for_flop_ratio(form: str, kernel_shape: Sequence[int], ratio: float,
 # ---------------------------------------------------------------- layers ---
 
 
-class _Call(NamedTuple):
-  """One project layer's call in a network: what is needed to re-run it."""
-  variables: dict
-  spec: base.LayerSpec
-  in_shape: tuple[int, ...]
-  out_shape: tuple[int, ...]
-
-
-def layer_calls(model, *args, dtype=jnp.float32,
-                **apply_kwargs) -> dict[str, _Call]:
-  """Every conv / dense layer's variables, spec and activation shapes.
-
-  Arguments as :func:`lowrank_jax.counting.layer_calls` (linen: ``model,
-  variables, input_shape``; NNX: ``module, input_shape``); the shapes are
-  traced with ``jax.eval_shape``, nothing computed.
-  """
-  variables = model if isinstance(model, nnx.Module) else args[0]
-  params, _ = tree.split_variables(variables)
-  all_layers = tree.layers(params)
-  return {p: _Call(all_layers[p], c.spec, c.in_shape, c.out_shape)
-          for p, c in counting.layer_calls(model, *args, dtype=dtype,
-                                           **apply_kwargs).items()
-          if p in all_layers}
-
-
 def _layer_fn(form, spec):
   return jax.jit(lambda v, x: form.forward(v, x, spec))
 
@@ -273,7 +248,7 @@ def time_layers(model, *args, dtype=jnp.float32, repeats: int = 10,
   Returns:
     ``{path: LayerTiming}`` for every split layer (in network order).
   """
-  calls = layer_calls(model, *args, dtype=dtype, **apply_kwargs)
+  calls = counting.called_layers(model, *args, dtype=dtype, **apply_kwargs)
   split = [p for p, c in calls.items()
            if forms.identify(c.variables) != 'dense']
   if select is not None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import lowrank_jax as lj
+from lowrank_jax import counting
 from lowrank_jax import forms
 from lowrank_jax import models
 from lowrank_jax import speed
@@ -231,7 +232,7 @@ def _fake_timer(slow):
   """A timer that says the layers in ``slow`` are slower than dense."""
   def timer(model, variables, input_shape, *, dtype, repeats, select=None):
     del dtype, repeats, select
-    calls = speed.layer_calls(model, variables, input_shape)
+    calls = counting.called_layers(model, variables, input_shape)
     out = {}
     for path, call in calls.items():
       if forms.identify(call.variables) == 'dense':
