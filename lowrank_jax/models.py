@@ -1,4 +1,4 @@
-"""The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style).
+"""The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style), vgg7.
 
 Plain linen: every conv and dense layer is an ``nn.Conv`` / ``nn.Dense``, so
 these are models like any user's, and a params tree rewritten by any
@@ -149,6 +149,37 @@ class VGG16(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
+class SmallVGG(nn.Module):
+  """A small VGG-style net with BatchNorm and a global-average-pool head.
+
+  ``layers`` lists the features: an int is a 3x3 conv (no bias) -> BatchNorm
+  -> relu of that width, ``'M'`` a 2x2 max-pool (SAME padding, so 28x28
+  goes 14-7-4). After the last conv: global average pool, then one dense
+  head. Layer paths are ``conv{block}_{index}`` (block counts pools, as in
+  :class:`VGG16`) and ``head``.
+  """
+  layers: Sequence[Any]
+  num_classes: int = 10
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    block, index = 1, 1
+    for v in self.layers:
+      if v == 'M':
+        x = nn.max_pool(x, (2, 2), (2, 2), padding='SAME')
+        block, index = block + 1, 1
+        continue
+      x = nn.Conv(v, (3, 3), use_bias=False, dtype=self.dtype,
+                  name=f'conv{block}_{index}')(x)
+      x = nn.relu(norm(name=f'bn{block}_{index}')(x))
+      index += 1
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'fc2': FC2,
     'lenet5': LeNet5,
@@ -157,6 +188,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
                                   widths=(64, 128, 256, 512)),
     'vgg16': VGG16,
+    # The benchmark model sized for 2 CPU cores (docs/benchmark_model.md):
+    # 107k params, 7.3M MACs on 28x28x1; one conv at 28x28, the rest at
+    # 14x14 and 7x7, where 32- and 64-channel 3x3 convs are worth splitting.
+    'vgg7': functools.partial(SmallVGG, layers=(16, 'M', 32, 32, 'M',
+                                                64, 64, 64)),
 }
 
 
@@ -164,7 +200,7 @@ def get_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
   """Creates a model by name, or by a user's factory.
 
   Args:
-    name: one of ``MODELS`` (fc2, lenet5, resnet20, resnet18, vgg16), or
+    name: one of ``MODELS`` (fc2, lenet5, resnet20, resnet18, vgg16, vgg7), or
       ``'package.module:factory'``: a callable returning a ``flax.linen``
       module whose ``__call__(x, train=...)`` returns logits, or an NNX
       module whose ``__call__(x)`` does (``train()`` / ``eval()`` switch

@@ -15,6 +15,7 @@ COUNTS = {
     ('resnet20', 1): 272_186, ('resnet20', 3): 272_474,
     ('resnet18', 1): 11_172_810, ('resnet18', 3): 11_173_962,
     ('vgg16', 1): 15_248_202, ('vgg16', 3): 15_249_354,
+    ('vgg7', 1): 107_322, ('vgg7', 3): 107_610,
 }
 
 
@@ -45,3 +46,26 @@ def test_num_classes_and_unknown_name():
   assert lj.apply(model, v, jnp.zeros((3, 28, 28, 1))).shape == (3, 100)
   with pytest.raises(ValueError, match='known: .*resnet20'):
     get_model('resnet21')
+
+
+def test_vgg7_layers_and_init():
+  """The benchmark model: six 3x3 convs (one at 28x28), head; BatchNorm
+  starts as the identity and the initial outputs are finite and differ per
+  input."""
+  model = get_model('vgg7')
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 28, 28, 1))
+  v = model.init(jax.random.PRNGKey(0), x)
+  kernels = {p: l['kernel'].shape for p, l in find_layers(v).items()}
+  assert kernels == {
+      'conv1_1': (3, 3, 1, 16), 'conv2_1': (3, 3, 16, 32),
+      'conv2_2': (3, 3, 32, 32), 'conv3_1': (3, 3, 32, 64),
+      'conv3_2': (3, 3, 64, 64), 'conv3_3': (3, 3, 64, 64),
+      'head': (64, 10)}
+  assert all(jnp.all(v['params'][f'bn{p[4:]}']['scale'] == 1)
+             for p in kernels if p.startswith('conv'))
+  out = lj.apply(model, v, x, train=False)
+  assert out.shape == (4, 10) and jnp.all(jnp.isfinite(out))
+  assert float(jnp.std(out[:, 0])) > 0
+  _, updates = lj.apply(model, v, x, train=True, mutable=['batch_stats'])
+  assert jax.tree.structure(updates['batch_stats']) == jax.tree.structure(
+      v['batch_stats'])
