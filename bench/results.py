@@ -152,7 +152,9 @@ def plan(models, seeds, pipelines, targets, settings):
   return rows
 
 
-def run(args, log):
+def run(args, log, timeout=None):
+  """Runs one row's command, its output to ``log``; ``timeout`` (s) kills
+  it (subprocess.TimeoutExpired; its workdir resumes on the next run)."""
   shown = ' '.join(shlex.quote(a) for a in
                    ['python'] + args[1:])
   print('$', shown, flush=True)
@@ -160,7 +162,8 @@ def run(args, log):
   os.makedirs(os.path.dirname(log), exist_ok=True)
   with open(log, 'a') as f:   # A resumed run appends to its log.
     subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                   check=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+                   check=True, timeout=timeout,
+                   env={**os.environ, 'PYTHONUNBUFFERED': '1'})
   return shown, time.time() - t0
 
 
@@ -240,6 +243,10 @@ def main(argv=None):
                       help='skip rows already in the results file')
   parser.add_argument('--dry-run', action='store_true',
                       help='print the commands, run nothing')
+  parser.add_argument('--deadline-s', type=float, default=None,
+                      help='stop after this many seconds: the run in '
+                      'progress is killed (it resumes on the next call) '
+                      'and no further run starts')
   args = parser.parse_args(argv)
   settings = FULL_SETTINGS if args.schedule == 'full' else SETTINGS
   models = args.models or [m for m in settings
@@ -284,7 +291,18 @@ def main(argv=None):
     if args.dry_run:
       print(key, '$', ' '.join(shlex.quote(a) for a in ['python'] + args_[1:]))
       continue
-    shown, wall = run(args_, workdir + '.log')
+    timeout = None
+    if args.deadline_s is not None:
+      timeout = t_all + args.deadline_s - time.time()
+      if timeout < 30:
+        print(f'# {key}: not started, deadline reached', flush=True)
+        continue
+    try:
+      shown, wall = run(args_, workdir + '.log', timeout)
+    except subprocess.TimeoutExpired:
+      print(f'# {key}: stopped at the deadline; the same command resumes '
+            'it', flush=True)
+      continue
     row = summarize(workdir)
     row.update(command=shown, model=model, pipeline=pipeline, seed=seed,
                run_s=wall)
