@@ -12,8 +12,8 @@ This module measures instead of assuming:
   slower than their dense form, so a compressed network is never slower than
   the original, and says which layers it merged and why.
 * :func:`round_rank` / :func:`round_ranks` round ranks to hardware-friendly
-  multiples; :func:`rank_for_flop_ratio` solves for the ranks that give a
-  FLOP reduction.
+  multiples; :func:`rank_for_flop_ratio` (from :mod:`lowrank_jax.rank_rules`,
+  whose solver it is) solves for the ranks that give a FLOP reduction.
 
 Timings are medians over repeats, dense and split interleaved call by call so
 that load from other processes hits both alike; compile time is excluded and
@@ -33,9 +33,13 @@ import numpy as np
 
 from lowrank_jax import counting
 from lowrank_jax import forms
+from lowrank_jax import rank_rules
 from lowrank_jax import transforms
 from lowrank_jax import tree
 from lowrank_jax.forms import base
+
+# The one ratio -> rank solver (rank_rules), under the name the benches use.
+rank_for_flop_ratio = rank_rules.rank_for_flop_ratio
 
 
 class Measured(NamedTuple):
@@ -180,39 +184,6 @@ def split_macs(form: str, kernel_shape: Sequence[int], ranks: Sequence[int],
   v = forms.stand_in(form, tuple(kernel_shape), tuple(ranks))
   return int(forms.get(form).flops(v, spec, tuple(in_shape),
                                    tuple(out_shape)))
-
-
-def rank_for_flop_ratio(form: str, kernel_shape: Sequence[int], ratio: float,
-                        in_shape: Sequence[int], out_shape: Sequence[int],
-                        spec: base.LayerSpec = base.LayerSpec('conv'),
-                        ) -> tuple[int, ...] | None:
-  """The largest ranks whose multiply-adds are at most dense / ``ratio``.
-
-  Tucker-2 ranks keep the channel proportions, ``R_in / C_in = R_out /
-  C_out`` (rounded); SVD and CP have one rank.
-
-  Returns:
-    The ranks, or None if even rank 1 does not reach the ratio.
-  """
-  kernel_shape = tuple(kernel_shape)
-  dense = split_macs('dense', kernel_shape, (), in_shape, out_shape, spec)
-  budget = dense / ratio
-  c_in, c_out = kernel_shape[-2], kernel_shape[-1]
-  if form == 'tucker2':
-    def ranks_at(a):
-      return (min(max(round(a * c_in), 1), c_in),
-              min(max(round(a * c_out), 1), c_out))
-    steps = sorted({ranks_at(i / max(c_in, c_out))
-                    for i in range(1, max(c_in, c_out) + 1)})
-  else:
-    bound = (min(math.prod(kernel_shape[:-1]), c_out) if form == 'svd'
-             else max(c_in, c_out) * kernel_shape[0] * kernel_shape[1])
-    steps = [(r,) for r in range(1, bound + 1)]
-  best = None
-  for r in steps:
-    if split_macs(form, kernel_shape, r, in_shape, out_shape, spec) <= budget:
-      best = r if best is None or sum(r) >= sum(best) else best
-  return best
 
 
 # ---------------------------------------------------------------- layers ---

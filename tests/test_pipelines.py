@@ -12,6 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from configs import smoke  # pylint: disable=g-import-not-at-top
 
 import lowrank_jax as lj
+from lowrank_jax import rank_rules
+from lowrank_jax import tree
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import errors
 from lowrank_jax.train import jobs
@@ -41,6 +43,21 @@ def _config(pipeline, **compress):
 @pytest.fixture(autouse=True)
 def _needs_data(fmnist):
   del fmnist
+
+
+def test_min_rank_fields_become_one_rule_per_layer():
+  """compress.min_rank_{kxk,1x1,dense} reach the library as path rules."""
+  config = _config('direct', min_rank_kxk=5, min_rank_1x1=3,
+                   min_rank_dense=7)
+  geometry = {p: rank_rules.LayerGeometry(p, kind, (), (), (), 'dense', 0, 0,
+                                          0)
+              for p, kind in (('conv1', 'kxk'), ('block/proj', '1x1'),
+                              ('fc', 'dense'))}
+  rules = jobs.min_rank_of(config, geometry)
+  assert rules == {tree.exact('conv1'): 5, tree.exact('block/proj'): 3,
+                   tree.exact('fc'): 7}
+  assert rank_rules.min_rank_floors(geometry, rules) == {
+      'conv1': 5, 'block/proj': 3, 'fc': 7}
 
 
 def _stages(summary):

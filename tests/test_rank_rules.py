@@ -6,6 +6,7 @@ import pytest
 
 import lowrank_jax as lj
 from lowrank_jax import rank_rules
+from lowrank_jax import vbmf
 
 
 @pytest.fixture(scope='module')
@@ -52,7 +53,41 @@ def test_rounding_and_unreachable_target(vgg):
              ((r, geometry[p]) for p, r in ranks.items())
              for x, size in zip(r, rank_rules.mode_sizes(g)))
   with pytest.raises(ValueError, match=r'compress.target_ratio=1000.0 '
-                     r'\(flops\) cannot be reached.*compress.min_rank'):
+                     r"\(flops\) cannot be reached: at the minimum ranks "
+                     r"\(by layer kind: \{'kxk': 8, 'dense': 8\}\)"):
     rank_rules.ranks_for_ratio(geometry, metric='flops', target=1000.0)
   with pytest.raises(ValueError, match='must be > 1'):
     rank_rules.ranks_for_ratio(geometry, metric='flops', target=0.5)
+
+
+def test_min_rank_follows_the_vbmf_convention(vgg):
+  _, _, geometry = vgg
+  defaults = rank_rules.min_rank_floors(geometry)
+  assert defaults == {p: vbmf.weaken.DEFAULT_MIN_RANK[g.kind]
+                      for p, g in geometry.items()}
+  ranks = rank_rules.ranks_for_ratio(geometry, metric='flops', target=4.0,
+                                     min_rank={'fc.*': 40})
+  assert all(r[0] >= 40 for p, r in ranks.items() if p.startswith('fc'))
+  ranks = rank_rules.ranks_for_ratio(geometry, metric='flops', target=4.0,
+                                     min_rank=24)
+  assert all(x >= min(24, size) for p, r in ranks.items()
+             for x, size in zip(r, rank_rules.mode_sizes(geometry[p])))
+  with pytest.raises(ValueError, match='matches no layer'):
+    rank_rules.ranks_for_ratio(geometry, metric='flops', target=4.0,
+                               min_rank={'no_such_layer': 4})
+
+
+@pytest.mark.parametrize('form', ['tucker2', 'cp', 'svd'])
+def test_one_layer_solver_is_the_network_solver(vgg, form):
+  """rank_for_flop_ratio is ranks_for_ratio on a network of one layer."""
+  _, _, geometry = vgg
+  g = geometry['conv2_1']
+  ranks = rank_rules.rank_for_flop_ratio(form, g.kernel_shape, 4.0,
+                                         g.in_shape, g.out_shape)
+  alone = {'conv2_1': g._replace(bias=0, params=g.params - g.bias)}
+  assert rank_rules.ranks_for_ratio(
+      alone, metric='flops', target=4.0, min_rank=1,
+      conv_form=form)['conv2_1'] == ranks
+  with pytest.raises(ValueError, match="splits into 'svd'"):
+    rank_rules.rank_for_flop_ratio('tucker2', (64, 10), 2.0, (1, 64),
+                                   (1, 10))

@@ -62,11 +62,15 @@ def selection_rules(config) -> list:
   return rules
 
 
-def min_rank_of(config) -> dict[str, int]:
-  """``{'kxk': ..., '1x1': ..., 'dense': ...}`` from ``config.compress``."""
+def min_rank_of(config, geometry) -> dict[str, int]:
+  """``config.compress.min_rank_{kxk,1x1,dense}`` in the library's
+  ``min_rank`` convention: ``{exact path rule: minimum rank}`` for every
+  layer of ``geometry`` (:func:`lowrank_jax.rank_rules.layer_geometry`), by
+  its kind. The one place the tool's fields become ranks."""
   c = config.compress
-  return {'kxk': c.min_rank_kxk, '1x1': c.min_rank_1x1,
-          'dense': c.min_rank_dense}
+  by_kind = {'kxk': c.min_rank_kxk, '1x1': c.min_rank_1x1,
+             'dense': c.min_rank_dense}
+  return {tree.exact(p): by_kind[g.kind] for p, g in geometry.items()}
 
 
 def _adtn_errors(a) -> list[str]:
@@ -159,7 +163,8 @@ def validate(config, *, model=None, input_shape=None) -> None:
     try:
       rank_rules.ranks_for_ratio(
           geometry, metric=c.rank_rule.split('_')[0], target=c.target_ratio,
-          paths=paths, min_rank=min_rank_of(config), conv_form=c.conv_form)
+          paths=paths, min_rank=min_rank_of(config, geometry),
+          conv_form=c.conv_form)
     except ValueError as e:
       raise ConfigError(str(e)) from e
   else:

@@ -45,8 +45,8 @@ from lowrank_jax.train import state as state_lib
 
 def choose_ranks(variables, *, model, input_shape, rule: str = 'vbmf',
                  select=None, weaken: float = 1.0, target_ratio: float = 4.0,
-                 min_rank: Mapping[str, int] = rank_rules.DEFAULT_MIN_RANK,
-                 conv_form: str = 'tucker2', round_to: int = 1
+                 min_rank: vbmf.MinRank = None, conv_form: str = 'tucker2',
+                 round_to: int = 1, geometry=None
                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, dict]]:
   """Ranks for the selected layers, and per-layer details for the report.
 
@@ -58,9 +58,12 @@ def choose_ranks(variables, *, model, input_shape, rule: str = 'vbmf',
     select: layer rules.
     weaken: MUSCO's weakening factor for 'weakened_vbmf' (1 = plain VBMF).
     target_ratio: network-wide ratio for the '*_ratio' rules.
-    min_rank: minimum ranks per layer kind.
+    min_rank: None (the defaults by layer kind), an int or ``{path regex:
+      int}``, as in :func:`lowrank_jax.vbmf_ranks`.
     conv_form: 'tucker2' or 'cp' for k x k convs.
     round_to: round target-rule ranks up to a multiple of this.
+    geometry: :func:`lowrank_jax.rank_rules.layer_geometry` of ``variables``
+      when the caller has it (traced here otherwise).
 
   Returns:
     ``(ranks, details)``: ranks only for layers whose split shrinks them;
@@ -70,11 +73,13 @@ def choose_ranks(variables, *, model, input_shape, rule: str = 'vbmf',
   if rule not in rank_rules.RULES:
     raise ValueError(f'compress.rank_rule={rule!r}; known: {rank_rules.RULES}')
   params, _ = tree.split_variables(variables)
-  geometry = rank_rules.layer_geometry(model, variables, input_shape)
+  if geometry is None:
+    geometry = rank_rules.layer_geometry(model, variables, input_shape)
   paths = [p for p in tree.select_paths(tree.layers(params), select)
            if p in geometry]
   w = weaken if rule == 'weakened_vbmf' else 1.0
-  per_path_min = {p: rank_rules.min_ranks_for(geometry[p], min_rank)
+  floors = rank_rules.min_rank_floors(geometry, min_rank)
+  per_path_min = {p: rank_rules.min_ranks_for(geometry[p], floors[p])
                   for p in paths}
   vb, vb_details = vbmf.vbmf_ranks(
       variables, select=[tree.exact(p) for p in paths] or ['(?!)'], weaken=w,
@@ -144,12 +149,14 @@ def _config_ranks(job: jobs.Job, variables, *, rule=None, weaken=None,
   """:func:`choose_ranks` with the job's ``config.compress`` fields for
   every argument not given."""
   c = job.config.compress
+  geometry = rank_rules.layer_geometry(job.model, variables, job.input_shape)
   return choose_ranks(
       variables, model=job.model, input_shape=job.input_shape,
       rule=rule or c.rank_rule, select=select or jobs.selection_rules(
           job.config), weaken=c.weaken if weaken is None else weaken,
-      target_ratio=c.target_ratio, min_rank=jobs.min_rank_of(job.config),
-      conv_form=c.conv_form, round_to=c.round_to)
+      target_ratio=c.target_ratio,
+      min_rank=jobs.min_rank_of(job.config, geometry), conv_form=c.conv_form,
+      round_to=c.round_to, geometry=geometry)
 
 
 def _compress_stage(job: jobs.Job, name: str, variables, chosen=None):

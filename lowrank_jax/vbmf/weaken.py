@@ -1,8 +1,8 @@
 """MUSCO's weakened ranks and minimum ranks.
 
 :func:`weakened_rank` moves a mode's rank only part of the way from its
-current size R to its EVBMF rank; :func:`_min_ranks` gives each layer of a
-network its floor (the MUSCO defaults, one int, or rules by path).
+current size R to its EVBMF rank; :func:`min_rank_floors` gives each layer of
+a network its floor (the MUSCO defaults, one int, or rules by path).
 
 References:
   Gusak et al., Automated Multi-Stage Compression of Neural Networks (MUSCO),
@@ -22,9 +22,11 @@ if TYPE_CHECKING:
 
 MinRank = Union[None, int, Mapping[str, int]]
 
-# Default minimum ranks (MUSCO): k x k convs and dense layers 8, 1x1 convs 2.
-DEFAULT_MIN_RANK_KXK = 8
-DEFAULT_MIN_RANK_1X1 = 2
+# Default minimum ranks (MUSCO) by tree.kernel_kind: k x k convs and dense
+# layers 8, 1x1 convs 2. The one table: rank_rules and the tool read it too.
+DEFAULT_MIN_RANK = {'kxk': 8, '1x1': 2, 'dense': 8}
+DEFAULT_MIN_RANK_KXK = DEFAULT_MIN_RANK['kxk']
+DEFAULT_MIN_RANK_1X1 = DEFAULT_MIN_RANK['1x1']
 
 
 def _check_weaken(weaken) -> float:
@@ -88,35 +90,53 @@ def weakened_rank(rank: int, vbmf_rank: int, *, weaken: float,
   return min(max(new, min_rank), rank)
 
 
-def _default_min_rank(layer: _Layer) -> int:
-  """MUSCO's default: 2 for a 1x1 conv, 8 for k x k convs and matrices.
+def min_rank_floors(kinds: Mapping[str, str], min_rank: MinRank, *,
+                    all_paths: Sequence[str] | None = None) -> dict[str, int]:
+  """Each layer's minimum rank under the one ``min_rank`` convention.
 
-  ``layer.kind`` is the layer's :func:`lowrank_jax.tree.kernel_kind`, except
-  for an SVD layer, whose plan is its R x R core: a matrix (8), whatever
-  kernel the layer stands for.
+  Args:
+    kinds: ``{path: kind}`` of the layers to resolve; kind is ``'kxk'``,
+      ``'1x1'`` or ``'dense'`` (the key of :data:`DEFAULT_MIN_RANK`; any other
+      kind gets the k x k default).
+    min_rank: None (:data:`DEFAULT_MIN_RANK` by kind), one positive int for
+      every layer, or ``{path regex: int}`` rules (first full match wins;
+      unmatched layers get the default of their kind).
+    all_paths: the paths every rule must match at least one of (default:
+      those of ``kinds``).
+
+  Returns:
+    ``{path: minimum rank}`` (before clamping to a mode's size).
+
+  Raises:
+    ValueError: a value that is not a positive int, or a rule that matches
+      no path.
   """
-  if layer.kind == '1x1':
-    return DEFAULT_MIN_RANK_1X1
-  return DEFAULT_MIN_RANK_KXK
+  def default(kind):
+    return DEFAULT_MIN_RANK.get(kind, DEFAULT_MIN_RANK['kxk'])
 
-
-def _min_ranks(chosen: Sequence[_Layer], all_paths: Sequence[str],
-               min_rank: MinRank) -> dict[str, int]:
-  """The minimum rank of each chosen layer (before clamping to R)."""
   if min_rank is None:
-    return {l.path: _default_min_rank(l) for l in chosen}
+    return {p: default(k) for p, k in kinds.items()}
   if isinstance(min_rank, Mapping):
+    all_paths = list(kinds) if all_paths is None else list(all_paths)
     rules = [(str(k), _check_min_rank(v, f'min_rank[{k!r}]'))
              for k, v in min_rank.items()]
     for pattern, _ in rules:
       if not any(re.fullmatch(pattern, p) for p in all_paths):
         raise ValueError(f'min_rank rule {pattern!r} matches no layer path; '
-                         f'paths: {list(all_paths)[:8]}')
-    out = {}
-    for l in chosen:
-      out[l.path] = next((v for pattern, v in rules
-                          if re.fullmatch(pattern, l.path)),
-                         _default_min_rank(l))
-    return out
+                         f'paths: {all_paths[:8]}')
+    return {p: next((v for pattern, v in rules if re.fullmatch(pattern, p)),
+                    default(k)) for p, k in kinds.items()}
   value = _check_min_rank(min_rank)
-  return {l.path: value for l in chosen}
+  return {p: value for p in kinds}
+
+
+def _min_ranks(chosen: Sequence[_Layer], all_paths: Sequence[str],
+               min_rank: MinRank) -> dict[str, int]:
+  """The minimum rank of each chosen layer (before clamping to R).
+
+  ``layer.kind`` is the layer's :func:`lowrank_jax.tree.kernel_kind`, except
+  for an SVD layer, whose plan is its R x R core: a matrix (default 8),
+  whatever kernel the layer stands for.
+  """
+  return min_rank_floors({l.path: l.kind for l in chosen}, min_rank,
+                         all_paths=all_paths)
