@@ -51,6 +51,10 @@ else
     echo "gpu_suite.sh: no GPU visible to JAX ($PYTHON); install jax[cuda12]" >&2
     exit 3
   fi
+  # Fail in seconds, not in seven lanes, when the data is missing.
+  "$PYTHON" -c 'from lowrank_jax.train import data; data.load_dataset()' || {
+    echo "gpu_suite.sh: Fashion-MNIST not loadable (see the error above)" >&2
+    exit 3; }
 fi
 SLUG=$(echo "$DEVICE" | sed 's/[^A-Za-z0-9]\+/_/g; s/^_//; s/_$//')
 ROOT=runs/results_${SLUG}_full

@@ -121,9 +121,9 @@ def plot(runs, path):
   ax2.axhline(TARGET, color='gray', ls='--', lw=0.8)
   ax2.set(xlabel='epoch', ylabel='accuracy (thin: train, augmented)',
           ylim=(0.8, 1.0))
-  if ax1.get_legend_handles_labels()[0]:
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7, loc='lower right')
+  for ax, where in ((ax1, 'best'), (ax2, 'lower right')):
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7, loc=where)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
