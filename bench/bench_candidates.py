@@ -60,6 +60,8 @@ def make_model(spec: str):
 
 
 def measure(model, dataset, *, batch, steps, interval, config):
+  """Median wall img/s and CPU s/img over ``interval``-step intervals of
+  ``steps`` training steps, the first interval (compilation) left out."""
   steps_per_epoch = data.num_batches(len(dataset.train.labels), batch)
   tx, schedule = optim.make_optimizer(config, steps_per_epoch)
   mesh = sharding.make_mesh()
