@@ -25,6 +25,7 @@ from lowrank_jax.train import config_check
 from lowrank_jax.train import data
 from lowrank_jax.train import errors
 from lowrank_jax.train import loop
+from lowrank_jax.train import progress
 from lowrank_jax.train import sharding
 from lowrank_jax.train import state as state_lib
 from lowrank_jax.train import steps
@@ -387,10 +388,10 @@ def test_eight_devices_match_one_device(tmp_path):
 
 
 def test_no_gain_rule():
-  assert not loop._no_gain([0.5, 0.4, 0.3], 0)
-  assert not loop._no_gain([0.5, 0.4], 2)
-  assert loop._no_gain([0.5, 0.4, 0.5], 2)
-  assert not loop._no_gain([0.5, 0.4, 0.6], 2)
+  assert not progress.no_gain([0.5, 0.4, 0.3], 0)
+  assert not progress.no_gain([0.5, 0.4], 2)
+  assert progress.no_gain([0.5, 0.4, 0.5], 2)
+  assert not progress.no_gain([0.5, 0.4, 0.6], 2)
 
 
 def test_early_stopping_stops_and_resumes_stopped(dataset, tmp_path):

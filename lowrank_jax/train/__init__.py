@@ -22,7 +22,9 @@ imports it.
   ``save_variables``, ``load_variables``.
 * :mod:`~lowrank_jax.train.metrics`: the metrics log, ``summarize``.
 * :mod:`~lowrank_jax.train.loop`: ``train`` (alias ``train_and_evaluate``),
-  ``load_dataset`` (from the config's data fields).
+  ``load_dataset`` (from the config's data fields); its epoch and step loop
+  is :mod:`~lowrank_jax.train.epochs`, the run's state and guards (early
+  stopping, divergence) :mod:`~lowrank_jax.train.progress`.
 * :mod:`~lowrank_jax.train.report`: ``report.json``, ``report.md`` and plots
   of a job.
 * :mod:`~lowrank_jax.train.jobs`: the stage bookkeeping of a job (saved

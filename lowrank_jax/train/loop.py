@@ -1,12 +1,12 @@
 """The training loop: :func:`train` (alias :func:`train_and_evaluate`).
 
 A run is cut into named steps: :func:`_resume` restores the latest
-checkpoint, :func:`_run_epochs` runs the epochs (:func:`_train_step` per
-batch, :func:`_log_train_row` per log interval, :func:`_pause` for
-evaluations and saves), and :func:`_finish` saves the final checkpoint and
+checkpoint, :func:`lowrank_jax.train.epochs.run_epochs` runs the epochs and
+:func:`lowrank_jax.train.epochs.finish` saves the final checkpoint and
 evaluates the test split. What a call fixes up front is a frozen
-:class:`_Run`; what changes as the steps run is one :class:`_Progress`,
-passed along, so no function reads a variable another one rebinds.
+:class:`~lowrank_jax.train.progress.Run`; what changes as the steps run is one
+:class:`~lowrank_jax.train.progress.Progress`, passed along, so no function
+reads a variable another one rebinds.
 
 Resume: the data order of an epoch is a function of ``(config.seed, epoch)``,
 the dropout key of step ``s`` is ``fold_in(state.rng, s)``, and a checkpoint
@@ -18,34 +18,32 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
 from lowrank_jax import models as models_lib
 from lowrank_jax.train import data as data_lib
+from lowrank_jax.train import epochs
+from lowrank_jax.train import progress as progress_lib
 from lowrank_jax.train.checkpoint import (_config_diff, _config_json,
                                           _read_meta, checkpoint_steps,
                                           open_checkpoint_manager,
-                                          restore_checkpoint, save_checkpoint)
+                                          restore_checkpoint)
 from lowrank_jax.train.config_check import (maybe_initialize_distributed,
                                             validate_config)
-from lowrank_jax.train.errors import (CheckpointError, ConfigError,
-                                     TrainingDiverged)
+from lowrank_jax.train.errors import CheckpointError, ConfigError
 from lowrank_jax.train.metrics import _MetricsLog, _progress_bar
 from lowrank_jax.train.optim import make_optimizer
-from lowrank_jax.train.sharding import make_mesh, shard_batch
+from lowrank_jax.train.sharding import make_mesh
 from lowrank_jax.train.state import PyTree, TrainState, create_train_state
-from lowrank_jax.train.steps import evaluate, make_eval_step, make_train_step
+from lowrank_jax.train.steps import make_eval_step, make_train_step
 
 # The logger of the module this code came from, so logging filters that name
 # it keep working.
@@ -59,70 +57,6 @@ def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
       train_subset=config.get('train_subset'),
       test_subset=config.get('test_subset'), seed=config.seed,
       data_dir=config.get('data_dir'))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-  """What one call of :func:`train` fixes before its first step.
-
-  Config values read every step are plain fields: ConfigDict attribute
-  access costs microseconds per step.
-  """
-  config: ml_collections.ConfigDict
-  dataset: data_lib.Dataset
-  model: nn.Module
-  mesh: Mesh
-  stage_name: str
-  steps_per_epoch: int
-  stop_at: int
-  stop_after_steps: Optional[int]
-  batch_size: int
-  log_every: int
-  save_every: int
-  has_validation: bool
-  patience: int
-  manager: Any
-  log: _MetricsLog
-  train_step: Callable
-  eval_step: Callable
-  t_start: float
-  pbar: Any
-
-
-@dataclasses.dataclass
-class _Progress:
-  """What changes as the steps run.
-
-  Attributes:
-    step: the global step reached.
-    pending: metrics since the last log row, still on device (no sync).
-    val_accuracy: validation accuracies of the stage so far (early stopping).
-    stopped_early: whether early stopping has ended the stage.
-    killed: whether ``stop_after_steps`` has ended the run.
-    first_step_s: compile + first step of this run (synced once).
-    first_row: whether the next train row is this run's first.
-    t_interval, interval_steps, paused: the current log interval's start,
-      its timed steps and the time spent in evaluations and saves.
-  """
-  step: int
-  pending: list
-  val_accuracy: list
-  stopped_early: bool
-  killed: bool = False
-  first_step_s: Optional[float] = None
-  first_row: bool = True
-  t_interval: float = 0.0
-  interval_steps: int = 0
-  paused: float = 0.0
-
-  def new_interval(self) -> None:
-    """Starts timing a log interval."""
-    self.t_interval, self.interval_steps, self.paused = (
-        time.perf_counter(), 0, 0.0)
-
-  def done(self, stop_at: int) -> bool:
-    """Whether the run ends here: killed, at ``stop_at`` or stopped early."""
-    return self.killed or self.step >= stop_at or self.stopped_early
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -201,16 +135,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   patience = int(config.get('early_stopping_patience') or 0)
   val_accuracy = [r['accuracy'] for r in log.history
                   if r.get('split') == 'validation']
-  progress = _Progress(step=start_step, pending=pending,
-                       val_accuracy=val_accuracy,
-                       stopped_early=_no_gain(val_accuracy, patience))
+  progress = progress_lib.Progress(
+      step=start_step, pending=pending, val_accuracy=val_accuracy,
+      stopped_early=progress_lib.no_gain(val_accuracy, patience))
   train_step = make_train_step(model, penalty_fn=penalty_fn,
                                penalty_weight=penalty_weight,
                                learning_rate_fn=schedule, mesh=mesh)
   eval_step = make_eval_step(model, mesh=mesh)
   t_start = time.time()
   pbar = _progress_bar(config, stop_at, start_step, stage_name)
-  run = _Run(
+  run = progress_lib.Run(
       config=config, dataset=dataset, model=model, mesh=mesh,
       stage_name=stage_name, steps_per_epoch=steps_per_epoch,
       stop_at=stop_at, stop_after_steps=stop_after_steps,
@@ -221,8 +155,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       t_start=t_start, pbar=pbar)
   progress.new_interval()
   try:
-    state = _run_epochs(run, state, progress)
-    _finish(run, state, progress)
+    state = epochs.run_epochs(run, state, progress)
+    epochs.finish(run, state, progress)
   finally:
     pbar.close()
     manager.close()
@@ -294,159 +228,3 @@ def _resume(config: ml_collections.ConfigDict, state: TrainState, manager,
   return state, start_step, pending
 
 
-def _run_epochs(run: _Run, state: TrainState,
-                progress: _Progress) -> TrainState:
-  """Runs epochs from ``progress.step`` until the run is done; an epoch
-  started earlier skips the batches it already did."""
-  config = run.config
-  epoch = progress.step // run.steps_per_epoch
-  while not progress.done(run.stop_at):
-    batches = data_lib.iterate_batches(
-        run.dataset.train, run.batch_size, mean=run.dataset.mean,
-        std=run.dataset.std, seed=config.seed, epoch=epoch,
-        augment=config.augment, pad_crop=config.pad_crop)
-    done_in_epoch = progress.step - epoch * run.steps_per_epoch
-    for images, labels in itertools.islice(batches, done_in_epoch, None):
-      state = _train_step(run, state, progress, images, labels)
-      if progress.done(run.stop_at):
-        break
-    epoch += 1
-  return state
-
-
-def _train_step(run: _Run, state: TrainState, progress: _Progress,
-                images: np.ndarray, labels: np.ndarray) -> TrainState:
-  """One optimizer step, then its log row, evaluation and save when due."""
-  state, metrics = run.train_step(state, shard_batch((images, labels),
-                                                     run.mesh))
-  progress.step += 1
-  step = progress.step
-  progress.pending.append(metrics)
-  run.pbar.update()
-  if progress.first_step_s is None:
-    jax.block_until_ready(metrics)
-    now = time.perf_counter()
-    progress.first_step_s, progress.t_interval = now - progress.t_interval, now
-  else:
-    progress.interval_steps += 1
-  if step % run.log_every == 0 or step == run.stop_at:
-    _log_train_row(run, progress)
-  end_of_epoch = step % run.steps_per_epoch == 0
-  do_eval = end_of_epoch and run.has_validation
-  do_save = step == run.stop_at or (run.save_every and
-                                    step % run.save_every == 0)
-  if do_eval or do_save:
-    jax.block_until_ready(metrics)  # Time eval/saves apart from steps.
-    _pause(run, state, progress, do_eval, do_save)
-  if run.stop_after_steps is not None and step >= run.stop_after_steps:
-    progress.killed = True
-  return state
-
-
-def _log_train_row(run: _Run, progress: _Progress) -> None:
-  """Writes the train row of the log interval ending at ``progress.step``
-  (one host sync) and starts the next interval."""
-  values = jax.device_get(progress.pending)
-  elapsed = time.perf_counter() - progress.t_interval - progress.paused
-  step = progress.step
-  row = {'split': 'train', 'step': step,
-         'epoch': step / run.steps_per_epoch, 'wall_time': time.time(),
-         'elapsed_s': time.time() - run.t_start}
-  # Means in float64 of exact float32 values: the same whether an
-  # interval's first metrics came from a checkpoint (resume) or not.
-  row.update({k: float(np.mean([float(v[k]) for v in values]))
-              for k in values[0]})
-  if progress.interval_steps and elapsed > 0:
-    row['steps_per_s'] = progress.interval_steps / elapsed
-    row['images_per_s'] = progress.interval_steps * run.batch_size / elapsed
-  if progress.first_row:
-    row['first_step_s'] = progress.first_step_s
-    progress.first_row = False
-  run.log.write(row)
-  _check_finite(run, row['loss'], step, 'training loss')
-  run.pbar.set_postfix(loss=f'{row["loss"]:.4f}',
-                       acc=f'{row["accuracy"]:.3f}', refresh=False)
-  progress.pending = []
-  progress.new_interval()
-
-
-def _pause(run: _Run, state: TrainState, progress: _Progress,
-           do_eval: bool, do_save: bool) -> None:
-  """The validation evaluation (and early-stopping check) and the save due
-  at ``progress.step``, timed apart from the steps."""
-  t_pause = time.perf_counter()
-  if do_eval:
-    result = _evaluate_split(run, state, 'validation', run.dataset.validation,
-                             progress.step)
-    progress.val_accuracy.append(result['accuracy'])
-    progress.stopped_early = _no_gain(progress.val_accuracy, run.patience)
-    run.pbar.set_postfix(val_acc=f'{result["accuracy"]:.3f}', refresh=False)
-  if do_save:
-    _save(run, state, progress.step, progress.pending)
-  progress.paused += time.perf_counter() - t_pause
-
-
-def _finish(run: _Run, state: TrainState, progress: _Progress) -> None:
-  """Unless killed: the final checkpoint and the test evaluation. Then waits
-  for the saves in flight."""
-  if not progress.killed:
-    if progress.step > 0:
-      _save(run, state, progress.step, progress.pending)
-    if len(run.dataset.test.labels):
-      result = _evaluate_split(run, state, 'test', run.dataset.test,
-                               progress.step)
-      _check_finite(run, result['loss'], progress.step, 'test loss')
-  run.manager.wait_until_finished()
-
-
-def _evaluate_split(run: _Run, state: TrainState, name: str,
-                    split: data_lib.Split, step: int) -> dict:
-  """Evaluates ``split`` and logs it as split ``name`` at ``step``."""
-  t0 = time.perf_counter()
-  result = evaluate(state, run.model, split, run.dataset,
-                    run.config.eval_batch_size, mesh=run.mesh,
-                    eval_step=run.eval_step)
-  run.log.write({'split': name, 'step': step,
-                 'epoch': step / run.steps_per_epoch,
-                 'wall_time': time.time(),
-                 'elapsed_s': time.time() - run.t_start,
-                 'eval_s': time.perf_counter() - t0, **result})
-  return result
-
-
-def _save(run: _Run, state: TrainState, step: int, pending: list) -> None:
-  """Checkpoints ``state`` at ``step`` unless that step is saved already."""
-  if step not in run.manager.all_steps():
-    # The metrics of the current log interval go along, so a resumed run
-    # logs the same rows as an uninterrupted one.
-    pending = [{k: float(v) for k, v in m.items()}
-               for m in jax.device_get(pending)]
-    for m in pending:   # never save a diverged state
-      _check_finite(run, m['loss'], step, 'training loss')
-    save_checkpoint(run.manager, state, extra={
-        'stage': run.stage_name, 'epoch': step / run.steps_per_epoch,
-        'config': _config_json(run.config), 'pending_metrics': pending})
-
-
-def _check_finite(run: _Run, loss: float, step: int, what: str) -> None:
-  """Ends the run with :class:`TrainingDiverged` if ``loss`` is NaN / Inf."""
-  if np.isfinite(loss):
-    return
-  config = run.config
-  clip = config.get('grad_clip')
-  raise TrainingDiverged(
-      f'stage {run.stage_name!r} diverged: {what} is {loss} at step {step} '
-      f'(config.learning_rate={config.learning_rate}, '
-      f'config.optimizer={config.optimizer!r}, config.grad_clip={clip}). '
-      'Likely cause: a learning rate too high for this model and optimizer '
-      '(or a broken input pipeline). Lower config.learning_rate or set '
-      'config.grad_clip, then run again; checkpoints before this step are '
-      'kept and no non-finite state was saved.')
-
-
-def _no_gain(accuracies: Sequence[float], patience: int) -> bool:
-  """Whether the last ``patience`` evaluations all failed to beat the best
-  one before them (never with patience 0)."""
-  if patience <= 0 or len(accuracies) <= patience:
-    return False
-  return max(accuracies[-patience:]) <= max(accuracies[:-patience])
