@@ -15,8 +15,10 @@ call, and the median taken, so load from other processes hits all alike.
   python bench/bench_layers.py --batch 1 --dtype bfloat16 --grad
   python bench/bench_layers.py --issue              # the issue's case
 
-Results are printed and written as a markdown section of
-``docs/benchmarks_layers.md`` (replacing the section of the same settings).
+Results are printed; each run's section (replacing the one of the same
+settings) goes in full to ``docs/logs/benchmarks_layers_log.md`` and
+summarized (command, machine, efficiency table) to
+``docs/benchmarks_layers.md``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,26 @@ from lowrank_jax.forms import base  # noqa: E402
 
 DOC = os.path.join(os.path.dirname(__file__), '..', 'docs',
                    'benchmarks_layers.md')
+LOG = os.path.join(os.path.dirname(__file__), '..', 'docs', 'logs',
+                   'benchmarks_layers_log.md')
+LOG_HEADER = """# Layer and network speed benchmarks: full runs
+
+Every row of every run summarized in
+[benchmarks_layers.md](../benchmarks_layers.md): per layer shape, form and
+FLOP ratio, the ranks, dense and split times, speed-up, efficiency and compile
+times. `bench/bench_layers.py` and `bench/bench_network.py` replace the section
+of the same settings here (and its summary there) when their command is
+re-run.
+"""
+SUMMARY_HEADER = """## Latest figures (generated; each replaced when its command is re-run)
+
+One section per command: the command, its wall time and machine, and the
+summary of its run (layer runs: median efficiency per form at FLOP ratio
+>= 3; the single-layer case: dense against the library's default order;
+network runs: the whole table). Every row of every run, under the same
+commands, is in [logs/benchmarks_layers_log.md](logs/benchmarks_layers_log.md).
+
+"""
 
 
 # --------------------------------------------------------------- machine ---
@@ -70,6 +92,40 @@ def update_doc(path: str, key: str, text: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
     f.write(new)
+
+
+def summary_of(body: str) -> str:
+  """The summary page's version of a run's section: its header, command and
+  machine lines, then its summary (a layer run's efficiency table; the
+  single-layer case's dense and library-default rows; all of anything
+  else)."""
+  lines = body.rstrip('\n').split('\n')
+  starts = [i for i, l in enumerate(lines)
+            if l.startswith('| batch | dtype | mode | form |')]
+  if starts:
+    table = lines[starts[-1]:]
+  elif any(l.startswith('| evaluation |') for l in lines):
+    first = lines[next(i for i, l in enumerate(lines)
+                       if l.startswith('| evaluation |')):]
+    first = first[:next((i for i, l in enumerate(first)
+                         if not l.startswith('|')), len(first))]
+    table = first[:2] + [l for l in first[2:] if l.startswith('| dense conv')
+                         or 'library default' in l]
+  else:
+    return '\n'.join(lines)
+  head = [lines[0], ''] + [l for l in lines if l.startswith(('`python',
+                                                               'Machine:'))]
+  return '\n'.join(head + [''] + table)
+
+
+def write_docs(key: str, body: str) -> None:
+  """A run's section in full to the log, and summarized to the summary."""
+  if not os.path.exists(LOG):
+    os.makedirs(os.path.dirname(LOG), exist_ok=True)
+    with open(LOG, 'w') as f:
+      f.write(LOG_HEADER)
+  update_doc(LOG, key, body)
+  update_doc(DOC, key, summary_of(body))
 
 
 # ---------------------------------------------------------------- shapes ---
@@ -413,7 +469,7 @@ def main(argv=None):
           f'Machine: {machine()}.\n{text}\n')
   print(f'\n{elapsed:.0f} s')
   if not args.no_doc:
-    update_doc(DOC, key, body)
+    write_docs(key, body)
 
 
 if __name__ == '__main__':

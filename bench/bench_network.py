@@ -12,7 +12,8 @@ measures jitted ``lj.apply(model, variables, x, train=False)`` on a batch of
   slower than their dense form at this batch size merged back).
 
 All variants of one model are timed interleaved in the same process, and the
-results are appended to ``docs/benchmarks_layers.md``.
+results replace the section of the same settings in
+``docs/benchmarks_layers.md`` (and in its log, ``docs/logs/``).
 
   python bench/bench_network.py                       # resnet20,resnet18,vgg16
   python bench/bench_network.py --models vgg16 --legacy  # forms before
@@ -142,7 +143,7 @@ def main(argv=None):
   if not args.no_doc:
     key = (f'network models={args.models} batch={args.batch} '
            f'dtype={args.dtype} ratio={args.ratio} legacy={args.legacy}')
-    bench_layers.update_doc(bench_layers.DOC, key, body)
+    bench_layers.write_docs(key, body)
 
 
 if __name__ == '__main__':
