@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lowrank_jax as lj
@@ -35,7 +36,11 @@ def test_target_ratio_is_met_network_wide(vgg, metric, target):
 
 def test_split_cost_matches_a_real_split(vgg):
   model, shapes, geometry = vgg
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  # Random arrays of the init's shapes (NumPy: an eager VGG-16 init, or
+  # jax.random per leaf, compiles for tens of seconds; costs need shapes).
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32),
+                           shapes)
   ranks = {'conv3_2': (40, 72), 'fc1': (30,), 'conv1_2': (8, 16)}
   split = lj.svd_split(lj.tucker2_split(variables, {
       k: v for k, v in ranks.items() if len(v) == 2}), {'fc1': 30})

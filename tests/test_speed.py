@@ -33,6 +33,12 @@ def _normal(seed, shape):
       max(np.prod(shape[:-1]), 1))
 
 
+def _np_normal(seed, shape):
+  """:func:`_normal`'s scaling, from NumPy (nothing to compile)."""
+  x = np.random.default_rng(seed).standard_normal(shape, np.float32)
+  return jnp.asarray(x / np.sqrt(max(np.prod(shape[:-1]), 1)))
+
+
 def _lax_conv(x, kernel, spec):
   return jax.lax.conv_general_dilated(
       x, kernel, tuple(spec.strides), base._lax_padding(spec.padding),
@@ -208,23 +214,27 @@ def test_rank_for_flop_ratio_is_the_largest_that_reaches_the_ratio(form,
 
 @pytest.fixture(scope='module')
 def split_net():
-  """LeNet-5 on 32x32x3: 5x5 convs Tucker-2, dense layers SVD."""
+  """LeNet-5 on 32x32x3: 5x5 convs Tucker-2, dense layers SVD.
+
+  Factors from NumPy: eager jax.random compiles once per shape, 30 s here.
+  """
   model = models.get_model('lenet5')
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(1), x,
-                                           train=False))(x)
-  params = variables['params']
+  # Shapes only (eval_shape: no init compiled); the biases are the init's
+  # zeros, every kernel is replaced below.
+  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(1), x,
+                                               train=False), x)['params']
   new = {}
   for i, (path, layer) in enumerate(tree.layers(params).items()):
     shape = layer['kernel'].shape
     if len(shape) == 4:   # conv: Tucker-2 at ranks (2, 4)
-      new[path] = {'u_in': _normal(i, (shape[2], 2)),
-                   'core': _normal(i + 10, shape[:2] + (2, 4)),
-                   'u_out': _normal(i + 20, (4, shape[3]))}
+      new[path] = {'u_in': _np_normal(i, (shape[2], 2)),
+                   'core': _np_normal(i + 10, shape[:2] + (2, 4)),
+                   'u_out': _np_normal(i + 20, (4, shape[3]))}
     else:                 # dense: SVD at rank 5
-      new[path] = {'u': _normal(i, (shape[0], 5)),
-                   'v': _normal(i + 10, (5, shape[1]))}
-    new[path]['bias'] = layer['bias']
+      new[path] = {'u': _np_normal(i, (shape[0], 5)),
+                   'v': _np_normal(i + 10, (5, shape[1]))}
+    new[path]['bias'] = jnp.zeros(layer['bias'].shape)
   return model, {'params': tree.replace_layers(params, new)}, x
 
 
