@@ -7,6 +7,7 @@ Fashion-MNIST images.
 
 import math
 
+import flax.errors
 import flax.linen as nn
 from flax import nnx
 import jax
@@ -98,7 +99,7 @@ def test_linen_full_rank_split_keeps_outputs(linen_case, real_images):
   split = _full_split(variables)
   forms = lj.layer_forms(split)
   assert set(forms.values()) == {'tucker2', 'svd'}
-  with pytest.raises(Exception, match='kernel'):
+  with pytest.raises(flax.errors.ScopeParamNotFoundError, match='kernel'):
     model.apply(split, real_images, train=False)  # what lj.apply fixes
   out = lj.apply(model, split, real_images, train=False)
   ref = model.apply(variables, real_images, train=False)

@@ -161,7 +161,7 @@ def test_checkpoint_and_variables_round_trip(dataset, tmp_path):
                                 lj.apply(model, state.variables, x))
   assert sorted(os.listdir(tmp_path)) == ['ckpt', 'final']
   # A failing save leaves the good one in place.
-  with pytest.raises(Exception):
+  with pytest.raises(ValueError, match='Unsupported type'):
     checkpoint.save_variables(path, {'params': {'w': object()}})
   np.testing.assert_array_equal(checkpoint.load_variables(path)['params'][
       'head']['kernel'], state.params['head']['kernel'])
