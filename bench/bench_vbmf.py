@@ -1,34 +1,40 @@
-"""vbmf_ranks on ResNet-50-shaped kernels against a NumPy/SciPy loop.
+"""vbmf_ranks on ResNet-50-shaped and resnet18 kernels against NumPy/SciPy.
 
-All 53 convs of torchvision's ResNet-50 (stem 7x7x3x64, the bottleneck
-1x1 / 3x3 / 1x1 convs and the four projection shortcuts, HWIO, float32) with
-planted spectra: a Tucker-2 signal of random ranks plus Gaussian noise, seeded.
-That is 70 matrices: two unfoldings per k x k conv, one per 1x1 conv.
+Networks (HWIO float32, planted spectra: a Tucker-2 signal of random ranks
+plus Gaussian noise, seeded):
+  * ``resnet50``: all 53 convs of torchvision's ResNet-50 (stem 7x7x3x64,
+    the bottleneck 1x1 / 3x3 / 1x1 convs and the four projection
+    shortcuts): 70 matrices, two unfoldings per k x k conv, one per 1x1;
+  * ``resnet18``: every layer of ``lj.get_model('resnet18')`` (CIFAR
+    ResNet-18, the convs and the dense head) with the same planted kernels.
 
-Timed in the same process:
-  * ``lowrank_jax.vbmf_ranks`` (one compiled call for the whole network):
-    compile time of the first call, then the median of warm calls, for
-    ``method='auto'`` (the default) and ``method='svd'``;
+Timed per network:
+  * the first ``vbmf_ranks`` call in a *fresh process* (trace + compile +
+    run), without a compilation cache, and with ``compilation_cache=DIR``
+    after another process filled DIR; each child process also times the
+    reference loop once, right after, so each ratio comes from one process;
+  * in this process, interleaved: warm ``vbmf_ranks`` calls (median), the
+    reference loop and the floor;
   * the reference: ``reference_evbmf`` of tests/test_vbmf.py (a float64 port
-    of Nakajima's EVBMF.m: full SVD + bounded scalar search) in a Python loop
-    over the same 70 matrices;
-  * an estimate for the padded alternative (all matrices zero-padded to one
-    common shape): one Gram + eigh of a 1024 x 4608 matrix, times 70.
+    of Nakajima's EVBMF.m: SVD + bounded scalar search) in a Python loop;
+  * the floor: NumPy float32 Gram + ``eigvalsh`` of every matrix, no search.
 
 Run:  python bench/bench_vbmf.py            (writes docs/benchmarks_vbmf.md)
-      python bench/bench_vbmf.py --svd --no-write
+      python bench/bench_vbmf.py --nets resnet18 --no-write
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -109,6 +115,8 @@ def planted_kernel(rng, shape, noise=1e-2):
 
 def unfoldings(kernel: np.ndarray) -> list[np.ndarray]:
   """C_in x (kh kw C_out) and C_out x (kh kw C_in) for k x k, else C_in x C_out."""
+  if kernel.ndim == 2:  # a dense layer
+    return [kernel]
   kh, kw, c_in, c_out = kernel.shape
   if kh * kw > 1:
     return [np.moveaxis(kernel, 2, 0).reshape(c_in, -1),
@@ -116,13 +124,30 @@ def unfoldings(kernel: np.ndarray) -> list[np.ndarray]:
   return [kernel.reshape(-1, c_out)]
 
 
-def build_params(seed=0):
+def network_shapes(net: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(path, kernel shape) of every layer of ``net`` (resnet50 / resnet18)."""
+  if net == 'resnet50':
+    return resnet50_convs()
+  from lowrank_jax.models import get_model  # pylint: disable=g-import-not-at-top
+  model = get_model(net)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  layers = tree.layers(tree.split_variables(shapes)[0])
+  return [(p, tuple(v['kernel'].shape)) for p, v in layers.items()]
+
+
+def build_params(net='resnet50', seed=0):
+  """{path: {'kernel': planted}} for every layer of ``net`` (nested dicts)."""
   rng = np.random.default_rng(seed)
   params = {}
-  for path, shape in resnet50_convs():
-    block, _, name = path.rpartition('/')
-    node = params.setdefault(block, {}) if block else params
-    node[name] = {'kernel': jnp.asarray(planted_kernel(rng, shape))}
+  for path, shape in network_shapes(net):
+    *blocks, name = path.split('/')
+    node = params
+    for b in blocks:
+      node = node.setdefault(b, {})
+    four = shape if len(shape) == 4 else (1, 1) + shape
+    node[name] = {'kernel': jnp.asarray(
+        planted_kernel(rng, four).reshape(shape))}
   return params
 
 
@@ -141,7 +166,7 @@ def timed(fn, repeats):
   return statistics.median(times), times
 
 
-def floor_time(params, repeats):
+def floor_loop(params):
   """The Gram route's own cost outside XLA: NumPy float32 ``Y Y^T`` (BLAS,
   all cores) + ``np.linalg.eigvalsh`` (LAPACK ``?syevd``, eigenvalues only)
   of every matrix, looped; no EVBMF search. A floor for any method that
@@ -153,9 +178,7 @@ def floor_time(params, repeats):
   def run():
     for m in mats:
       np.linalg.eigvalsh(m @ m.T)
-
-  run()
-  return timed(run, repeats)[0]
+  return run
 
 
 def padded_estimate(n_matrices=70):
@@ -168,137 +191,191 @@ def padded_estimate(n_matrices=70):
   return med * n_matrices
 
 
-def machine() -> dict:
-  cpu = hostinfo.cpu_name() or 'unknown'
-  try:
-    nproc = subprocess.run(['nproc'], capture_output=True, text=True,
-                           check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    nproc = str(os.cpu_count())
-  return {'platform': platform.platform(), 'nproc': nproc, 'cpu': cpu,
-          'python': platform.python_version(), 'jax': jax.__version__,
-          'numpy': np.__version__, 'backend': jax.default_backend(),
-          'load': ' '.join(f'{x:.1f}' for x in os.getloadavg())}
+def interleaved(fns, repeats):
+  """Median seconds of each function, calls interleaved round by round."""
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _load_params(path):
+  """Nested {'kernel': ...} dicts from an .npz of '/'-joined paths."""
+  params = {}
+  with np.load(path) as data:
+    for key in data.files:
+      *blocks, name = key.split('/')
+      node = params
+      for b in blocks:
+        node = node.setdefault(b, {})
+      node[name] = {'kernel': jnp.asarray(data[key])}
+  return params
+
+
+def child(npz, cache):
+  """One fresh process: the first vbmf_ranks call, then the reference loop
+  once; prints JSON."""
+  params = _load_params(npz)
+  t = time.perf_counter()
+  ranks = vbmf.vbmf_ranks(params, compilation_cache=cache or None)
+  first = time.perf_counter() - t
+  reference = _reference_module().reference_evbmf
+  t = time.perf_counter()
+  reference_ranks(reference, params)
+  ref = time.perf_counter() - t
+  print(json.dumps({'first': first, 'reference': ref,
+                    'ranks': {p: list(r) for p, r in ranks.items()}}))
+
+
+def fresh_process(npz, cache=''):
+  out = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), '--child', npz,
+       '--cache', cache], capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_network(net, args, workdir):
+  """Timings and agreement of one network (a dict for the report)."""
+  params = build_params(net)
+  layers = tree.layers(params)
+  n_mats = sum(len(unfoldings(np.asarray(v['kernel'])))
+               for v in layers.values())
+  npz = os.path.join(workdir, f'{net}.npz')
+  np.savez(npz, **{p: np.asarray(v['kernel']) for p, v in layers.items()})
+  cache = os.path.join(workdir, f'{net}_cache')
+  cold = fresh_process(npz)
+  print(f'{net}: fresh process, no cache: first call {cold["first"]:.2f} s, '
+        f'reference loop {cold["reference"]:.2f} s', flush=True)
+  fill = fresh_process(npz, cache)
+  warm_cache = fresh_process(npz, cache)
+  print(f'{net}: fresh process, cache filled by another: first call '
+        f'{warm_cache["first"]:.2f} s (the filling one: {fill["first"]:.2f} '
+        f's), reference loop {warm_cache["reference"]:.2f} s', flush=True)
+
+  reference = _reference_module().reference_evbmf
+  details = vbmf.vbmf_ranks(params, report=True)[1]
+  ref_ranks = reference_ranks(reference, params)
+  agree = sum(int(a == b) for p in ref_ranks
+              for a, b in zip(details[p]['vbmf'], ref_ranks[p]))
+  same_children = all(c['ranks'] == cold['ranks']
+                      for c in (fill, warm_cache))
+  med = interleaved({
+      'warm': lambda: vbmf.vbmf_ranks(params),
+      'reference': lambda: reference_ranks(reference, params),
+      'floor': floor_loop(params),
+  }, args.repeats)
+  print(f'{net}: interleaved medians {med}', flush=True)
+  return dict(net=net, layers=len(layers), matrices=n_mats, cold=cold,
+              fill=fill, warm_cache=warm_cache, agree=agree,
+              same_children=same_children, **med)
+
+
+def report(rows, args, argv, pad):
+  info = hostinfo.machine_line()
+  lines = [
+      '## EVBMF ranks of a whole network (`vbmf_ranks`)',
+      '',
+      f'Command: `{" ".join(["python", "bench/bench_vbmf.py"] + argv)}`'
+      + (f' with OPENBLAS_NUM_THREADS={os.environ["OPENBLAS_NUM_THREADS"]}'
+         if 'OPENBLAS_NUM_THREADS' in os.environ else '') + '.',
+      '',
+      f'{info} Python {platform.python_version()}, NumPy {np.__version__}. '
+      'The machine is shared with other jobs: read the ratios (each from one '
+      'process: the child processes time their first call and then the '
+      'reference loop; the warm rows are interleaved round by round), not '
+      'the absolute times.',
+      '',
+      'Workloads (float32, planted Tucker-2 spectra plus noise, seed 0): '
+      + '; '.join(f'{r["net"]}: {r["layers"]} layers, {r["matrices"]} '
+                  'matrices' for r in rows) + '. resnet50 is the 53 convs '
+      'of torchvision ResNet-50 (3 x 3136 to 1024 x 2048 and 512 x 4608); '
+      "resnet18 every layer of `lj.get_model('resnet18')`.",
+      '',
+      '| network | what | time (s) | vs reference loop |',
+      '|---|---|---:|---:|',
+  ]
+  for r in rows:
+    n = r['net']
+    cold, cached, fill = r['cold'], r['warm_cache'], r['fill']
+    lines += [
+        f'| {n} | first call, fresh process, no cache | {cold["first"]:.2f} '
+        f'| {cold["first"] / cold["reference"]:.2f}x (loop '
+        f'{cold["reference"]:.2f} s in that process) |',
+        f'| {n} | first call, fresh process, `compilation_cache=DIR` filled '
+        f'by an earlier process | {cached["first"]:.2f} | '
+        f'{cached["first"] / cached["reference"]:.2f}x (loop '
+        f'{cached["reference"]:.2f} s in that process) |',
+        f'| {n} | the process that filled the cache (first call) | '
+        f'{fill["first"]:.2f} | {fill["first"] / fill["reference"]:.2f}x |',
+        f'| {n} | warm call, median of {args.repeats} | {r["warm"]:.3f} | '
+        f'{r["warm"] / r["reference"]:.2f}x |',
+        f'| {n} | floor: NumPy float32 Gram + `eigvalsh`, no search, median '
+        f'of {args.repeats} | {r["floor"]:.3f} | '
+        f'{r["floor"] / r["reference"]:.2f}x |',
+        f'| {n} | reference loop (float64 SVD + bounded search per matrix), '
+        f'median of {args.repeats} | {r["reference"]:.3f} | 1.00x |',
+    ]
+  if pad is not None:
+    lines.append(f'| resnet50 | padded alternative: 70 x (Gram + eigh of '
+                 f'1024 x 4608), estimate | {pad:.2f} | - |')
+  lines += ['']
+  for r in rows:
+    first_ok = r['warm_cache']['first'] <= 0.5 * r['warm_cache']['reference']
+    cold_ok = r['cold']['first'] <= 0.5 * r['cold']['reference']
+    warm_ok = r['warm'] <= r['floor']
+    lines.append(
+        f'{r["net"]}: EVBMF ranks identical to the reference on '
+        f'{r["agree"]}/{r["matrices"]} matrices; the three fresh processes '
+        f'gave {"identical" if r["same_children"] else "DIFFERENT"} ranks. '
+        'Goal first call <= 0.5x the loop: '
+        f'**{"met" if cold_ok else "not met"}** '
+        f'without a cache, **{"met" if first_ok else "not met"}** with '
+        f'`compilation_cache`; goal warm <= floor: '
+        f'**{"met" if warm_ok else "not met"}** '
+        f'({r["warm"] / r["floor"]:.2f}x the floor).')
+    lines.append('')
+  lines += [
+      'How: the eigenproblems run per size bucket (Gram matrices zero-padded '
+      'to 16, 24, 32, 48, 64, ...; ResNet-50: 6 buckets instead of 15 shape '
+      "groups), and 'auto' compiles the SVD only when a matrix needs it, so "
+      'the first call compiles fewer loops; `compilation_cache=DIR` (opt-in, '
+      'JAX\'s persistent compilation cache for that call only) skips the '
+      'compilation in later processes, leaving tracing and lowering. The '
+      'floor row bounds the warm call: LAPACK\'s symmetric eigensolver runs '
+      'on one core, and `jnp.linalg.eigvalsh` also computes eigenvectors '
+      '(`lj.vbmf.use_lapack_eigenvalues()` opts in to eigenvalues only).',
+      '',
+  ]
+  return '\n'.join(lines)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--repeats', type=int, default=5,
-                      help='warm runs of each timed function (median)')
-  parser.add_argument('--ref-repeats', type=int, default=3,
-                      help='timed runs of the reference loop (median), after '
-                      'one untimed run that also checks the ranks')
-  parser.add_argument('--svd', action='store_true',
-                      help="also time method='svd'")
+  parser.add_argument('--nets', default='resnet50,resnet18',
+                      help='comma-separated: resnet50, resnet18')
+  parser.add_argument('--repeats', type=int, default=3,
+                      help='interleaved rounds of the warm call, the '
+                      'reference loop and the floor (median)')
   parser.add_argument('--no-write', action='store_true',
                       help='print only; do not write docs/benchmarks_vbmf.md')
   parser.add_argument('--out', default=os.path.join(ROOT, 'docs',
                                                     'benchmarks_vbmf.md'))
+  parser.add_argument('--child', help=argparse.SUPPRESS)
+  parser.add_argument('--cache', default='', help=argparse.SUPPRESS)
+  argv = sys.argv[1:] if argv is None else argv
   args = parser.parse_args(argv)
-
-  reference = _reference_module().reference_evbmf
-  params = build_params()
-  n_layers = sum(1 for _ in resnet50_convs())
-  n_mats = sum(2 if s[0] * s[1] > 1 else 1 for _, s in resnet50_convs())
-  info = machine()
-  print(f'{n_layers} convs, {n_mats} matrices; {info}', flush=True)
-
-  rows = {}
-  details = None
-  for method in ('auto',) + (('svd',) if args.svd else ()):
-    t = time.perf_counter()
-    ranks, details_m = vbmf.vbmf_ranks(params, report=True,
-                                       method=method)
-    first = time.perf_counter() - t
-    warm, _ = timed(lambda m=method: vbmf.vbmf_ranks(params, method=m),
-                    args.repeats)
-    rows[method] = (first, warm, details_m)
-    details = details if details is not None else details_m
-    print(f'vbmf_ranks method={method}: first call {first:.2f} s, warm '
-          f'median {warm:.3f} s', flush=True)
-
-  ref_ranks = reference_ranks(reference, params)  # warm-up / agreement
-  ref_time, _ = timed(lambda: reference_ranks(reference, params),
-                      args.ref_repeats)
-  print(f'numpy/scipy reference loop: median {ref_time:.3f} s', flush=True)
-  floor = floor_time(params, args.ref_repeats)
-  print(f'floor (numpy Gram + eigvalsh loop): median {floor:.3f} s',
-        flush=True)
-  pad = padded_estimate()
-  print(f'padded alternative (estimate): {pad:.2f} s', flush=True)
-
-  agree = {}
-  for method, (_, _, d) in rows.items():
-    same = sum(int(a == b) for p in ref_ranks
-               for a, b in zip(d[p]['vbmf'], ref_ranks[p]))
-    agree[method] = same
-    print(f'rank agreement ({method}): {same}/{n_mats} matrices', flush=True)
-  mismatches = [(p, rows['auto'][2][p]['vbmf'], ref_ranks[p])
-                for p in ref_ranks if rows['auto'][2][p]['vbmf'] != ref_ranks[p]]
-  for m in mismatches:
-    print('  mismatch', m)
-
-  first, warm, _ = rows['auto']
-  lines = [
-      '## EVBMF ranks of a whole network (`vbmf_ranks`)',
-      '',
-      f'Command: `{" ".join(["python", "bench/bench_vbmf.py"] + (argv if argv is not None else sys.argv[1:]))}`'
-      + (f' with OPENBLAS_NUM_THREADS={os.environ["OPENBLAS_NUM_THREADS"]}'
-         if 'OPENBLAS_NUM_THREADS' in os.environ else '') + '.',
-      '',
-      f'Machine: {info["platform"]}, `nproc` = {info["nproc"]}, '
-      f'{info["cpu"]}; Python {info["python"]}, JAX {info["jax"]} '
-      f'({info["backend"]} backend), NumPy {info["numpy"]}. Load average at '
-      f'the end of the run: {info["load"]} (the machine is shared; both sides '
-      'ran interleaved in one process, so the ratio is fairer than the '
-      'absolute times).',
-      '',
-      f'Workload: the {n_layers} convs of torchvision ResNet-50 in HWIO '
-      f'float32 with planted Tucker-2 spectra plus noise (seed 0): {n_mats} '
-      'matrices (two unfoldings per k x k conv, one per 1x1 conv), from '
-      '3 x 3136 to 1024 x 2048 and 512 x 4608.',
-      '',
-      '| what | time (s) | vs reference | ranks identical to reference |',
-      '|---|---|---|---|',
-      f'| NumPy/SciPy reference (float64 SVD + bounded search, loop over '
-      f'matrices), median of {args.ref_repeats} | {ref_time:.3f} | 1.0x | - |',
-  ]
-  for method, (f, w, _) in rows.items():
-    lines.append(
-        f"| `vbmf_ranks(method='{method}')`, warm, median of "
-        f'{args.repeats} | {w:.3f} | {ref_time / w:.1f}x faster | '
-        f'{agree[method]}/{n_mats} |')
-    lines.append(f"| `vbmf_ranks(method='{method}')`, first call (trace + "
-                 f'compile + run) | {f:.2f} | - | - |')
-  lines.append(f'| floor: NumPy float32 Gram + `eigvalsh` (eigenvalues '
-               f'only) per matrix, no search, median of {args.ref_repeats} '
-               f'| {floor:.3f} | {ref_time / floor:.1f}x | - |')
-  lines.append(f'| padded alternative: 70 x (Gram + eigh of 1024 x 4608), '
-               f'estimate | {pad:.2f} | {ref_time / pad:.1f}x | - |')
-  lines += [
-      '',
-      f"Result: `vbmf_ranks` (default `method='auto'`) takes {warm:.3f} s "
-      f'warm against {ref_time:.3f} s for the reference loop, '
-      f'**{ref_time / warm:.1f}x faster**, with '
-      f"{agree['auto']}/{n_mats} matrices at identical EVBMF ranks; the "
-      f'first call adds {first - warm:.1f} s of tracing and compilation '
-      '(cached per set of shapes afterwards).',
-      '',
-      f'Goal: at least 10x faster with identical ranks: '
-      + ('**met**.' if ref_time / warm >= 10 and agree['auto'] == n_mats
-         else f'**not met** ({ref_time / warm:.1f}x). ') +
-      ('' if ref_time / warm >= 10 else
-       f'The floor row bounds what the Gram route can reach here: the '
-       f'Gram products and eigenvalues alone, in NumPy with no EVBMF at '
-       f'all, take {floor:.3f} s ({ref_time / floor:.1f}x). LAPACK\'s '
-       'symmetric eigensolver runs on one core (its tridiagonal reduction '
-       'is BLAS-2, memory-bound), and XLA:CPU ran two independent '
-       'eigenproblems one after the other when tried (2.2x the time of '
-       'one), so the second core only helps the Gram products. '
-       'The reference\'s float64 SVD uses both cores through OpenBLAS.'),
-      '',
-  ]
-  text = '\n'.join(lines)
+  if args.child:
+    child(args.child, args.cache)
+    return
+  rows = []
+  with tempfile.TemporaryDirectory() as workdir:
+    for net in args.nets.split(','):
+      rows.append(bench_network(net, args, workdir))
+  pad = padded_estimate() if 'resnet50' in args.nets else None
+  text = report(rows, args, argv, pad)
   print()
   print(text)
   if not args.no_write:

@@ -23,6 +23,8 @@ from lowrank_jax import tree
 from lowrank_jax import vbmf
 from lowrank_jax.forms import svd as svd_form
 from lowrank_jax.forms import tucker2
+from lowrank_jax.vbmf import network
+from lowrank_jax.vbmf import solver
 from lowrank_jax.models import get_model
 
 
@@ -622,7 +624,9 @@ def test_vbmf_ranks_reports_sigma2_beyond_float32(resnet20, scale):
 
 
 def test_vbmf_ranks_is_one_compiled_call(resnet20):
-  """First call: one trace, one XLA compilation; repeat calls: none."""
+  """First call: one trace, one XLA compilation; repeat calls: none. A
+  network with a matrix that 'auto' must redo with the SVD compiles one more
+  program, once."""
   compiles = []
 
   def listener(event, duration, **kwargs):
@@ -640,12 +644,19 @@ def test_vbmf_ranks_is_one_compiled_call(resnet20):
   jax.clear_caches()
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    first = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
+    plain = vbmf.vbmf_ranks(resnet20, select=r'stage1.*')  # random init
     assert (traces(), len(compiles)) == (1, 1)
+    assert vbmf.vbmf_ranks(resnet20, select=r'stage1.*') == plain
+    assert (traces(), len(compiles)) == (1, 1)
+    # stage2_block0/conv2's planted spectrum (noise 1e-3) spans more than
+    # float32 Gram products resolve: the network's program plus the SVD
+    # redo of that layer.
+    first = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
+    assert (traces(), len(compiles)) == (3, 3)
     second = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
     # Same shapes under other paths (and a bare params tree): cached too.
     third = vbmf.vbmf_ranks(renamed)
-    assert (traces(), len(compiles)) == (1, 1)
+    assert (traces(), len(compiles)) == (3, 3)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert first == second
@@ -673,3 +684,117 @@ def test_lapack_eigenvalue_path_is_opt_in_active_and_correct(resnet20):
     assert vbmf.vbmf_ranks(resnet20, select=r'stage3.*') == default
   finally:
     vbmf.use_lapack_eigenvalues(False)
+
+
+# ---------------------------------------------------------------------------
+# Speed-ups that must not change answers: eigenproblems in size buckets, the
+# 'auto' SVD redo in a second program, the persistent compilation cache, the
+# eager dispatch.
+
+
+@pytest.mark.parametrize('big_l,size', [(1, 16), (3, 16), (16, 16), (17, 24),
+                                        (24, 24), (25, 32), (100, 128),
+                                        (147, 192), (512, 512), (513, 768)])
+def test_bucket_sizes(big_l, size):
+  assert network._bucket(big_l) == size
+  assert big_l <= size <= max(16, 1.5 * big_l)
+
+
+def _dense_tree(shapes, seed=0, **planted_kw):
+  """{'d{i}': {'kernel': (rows, cols)}}: planted rank 5 (1 if a side < 10)."""
+  return {f'd{i}': {'kernel': jnp.asarray(
+      planted(shape, 5 if min(shape) >= 10 else 1, seed=seed + i,
+              **planted_kw), jnp.float32)}
+          for i, shape in enumerate(shapes)}
+
+
+# L values off the buckets (20 -> 24, 40 -> 48, 100 -> 128, 3 -> 16), two
+# shapes sharing a bucket (20 x 90 and 21 x 50), tall and wide.
+BUCKET_SHAPES = [(20, 90), (50, 21), (40, 300), (300, 40), (100, 130),
+                 (3, 70)]
+
+
+@pytest.mark.parametrize('method', ['auto', 'gram'])
+def test_bucketed_network_equals_unbucketed_evbmf(method):
+  """vbmf_ranks pads Gram matrices to bucket sizes: the same ranks, sigma2
+  and spectra as evbmf of each matrix alone (no padding)."""
+  params = _dense_tree(BUCKET_SHAPES)
+  _, details = vbmf.vbmf_ranks(params, report=True, method=method,
+                               min_rank=1)
+  for i, shape in enumerate(BUCKET_SHAPES):
+    y = params[f'd{i}']['kernel']
+    alone = _jit_evbmf(y, method=method)
+    _, gamma = vbmf._evbmf_matrix(y, None, method)
+    d = details[f'd{i}']
+    assert d['vbmf'] == (int(alone.rank),), shape
+    assert (min(shape) < 4) or d['vbmf'] == (5,), shape
+    np.testing.assert_allclose(d['sigma2'][0], alone.sigma2, rtol=1e-5)
+    np.testing.assert_allclose(d['threshold'][0], alone.threshold, rtol=1e-5)
+    np.testing.assert_allclose(d['singular_values'][0], gamma, rtol=1e-5,
+                               atol=1e-6 * float(gamma[0]))
+
+
+def test_bucketed_spectra_equal_unpadded_eigenvalues():
+  rng = np.random.default_rng(0)
+  ys = [rng.standard_normal((big_l, 60)).astype(np.float32)
+        for big_l in (20, 21, 24)]
+  grams = [y @ y.T for y in ys]
+  padded = jnp.stack([np.pad(g, ((0, 24 - len(g)), (0, 24 - len(g))))
+                      for g in grams])
+  lam = network._bucket_spectra(padded, jnp.asarray([[20.], [21.], [24.]]),
+                                'gram')
+  for row, g in zip(np.asarray(lam), grams):
+    big_l = len(g)
+    want = np.linalg.eigvalsh(g.astype(np.float64))[::-1]
+    np.testing.assert_allclose(row[:big_l], want, rtol=1e-4)
+    assert np.all(row[big_l:] == 0)
+
+
+def test_auto_redoes_wide_spectra_with_the_svd():
+  """A spectrum spanning more than float32 Gram products resolve (signal
+  1e3 x the noise edge): 'auto' gives the SVD's spectrum, whose small
+  singular values the Gram route would have cut to zero."""
+  params = _dense_tree([(40, 120), (30, 80)], seed=3,
+                       strength=(300.0, 1000.0))
+  params['plain'] = {'kernel': jnp.asarray(planted((30, 80), 4, seed=9),
+                                           jnp.float32)}
+  _, auto = vbmf.vbmf_ranks(params, report=True, min_rank=1)
+  _, gram = vbmf.vbmf_ranks(params, report=True, method='gram', min_rank=1)
+  for path in ('d0', 'd1'):
+    y = np.asarray(params[path]['kernel'], np.float64)
+    s = np.linalg.svd(y, compute_uv=False)
+    got = auto[path]['singular_values'][0]
+    np.testing.assert_allclose(got, s, rtol=1e-4)
+    assert got[-1] > 0 and gram[path]['singular_values'][0][-1] == 0
+    assert auto[path]['vbmf'] == (5,)
+    alone = _jit_evbmf(params[path]['kernel'])
+    np.testing.assert_allclose(auto[path]['sigma2'][0], alone.sigma2,
+                               rtol=1e-5)
+  np.testing.assert_allclose(auto['plain']['singular_values'][0],
+                             gram['plain']['singular_values'][0], rtol=1e-6)
+
+
+def test_compilation_cache_is_opt_in_and_scoped(tmp_path):
+  """compilation_cache=DIR stores the compiled program there, gives the same
+  ranks, and leaves JAX's configuration as it was."""
+  assert jax.config.jax_compilation_cache_dir is None
+  params = _dense_tree([(37, 23), (19, 41)], seed=11)
+  jax.clear_caches()  # compile here, not from the in-memory cache
+  cached = vbmf.vbmf_ranks(params, compilation_cache=tmp_path / 'cache')
+  assert jax.config.jax_compilation_cache_dir is None
+  assert any((tmp_path / 'cache').iterdir())
+  assert cached == vbmf.vbmf_ranks(params)
+
+
+def test_eager_evbmf_compiles_once_per_shape():
+  """Repeated eager calls (NumPy and jax input) reuse one program."""
+  y = planted((24, 60), 4, seed=7).astype(np.float32)
+  first = vbmf.evbmf(y)
+  vbmf.evbmf(jnp.asarray(y))
+  compiled = solver._EVBMF_COMPILED['auto']
+  size = compiled._cache_size()  # pylint: disable=protected-access
+  again = [vbmf.evbmf(y), vbmf.evbmf(jnp.asarray(y)), vbmf.evbmf(y)]
+  assert compiled._cache_size() == size  # pylint: disable=protected-access
+  for res in again:
+    assert int(res.rank) == int(first.rank) == 4
+    np.testing.assert_array_equal(res.sigma2, first.sigma2)

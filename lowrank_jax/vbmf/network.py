@@ -1,10 +1,11 @@
 """EVBMF ranks of every layer of a network: :func:`vbmf_ranks`.
 
 :func:`vbmf_ranks` applies EVBMF to every selected layer of a parameter tree
-in *one* compiled call (:func:`_network_evbmf`): the two Tucker-2 unfoldings
-of each k x k conv, the (everything but C_out) x C_out matrix of each dense
-layer and 1x1 conv, and the core of each layer already in Tucker-2 form
-(MUSCO re-compression). The ranks are then weakened
+in *one* compiled call (:func:`_network_evbmf`; a second one only for the
+matrices whose spectra ``'auto'`` redoes with the SVD): the two Tucker-2
+unfoldings of each k x k conv, the (everything but C_out) x C_out matrix of
+each dense layer and 1x1 conv, and the core of each layer already in
+Tucker-2 form (MUSCO re-compression). The ranks are then weakened
 (:func:`lowrank_jax.vbmf.weakened_rank`) and clamped on the host.
 
 References:
@@ -14,8 +15,10 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -27,7 +30,8 @@ from lowrank_jax import tree
 from lowrank_jax.vbmf import linalg
 from lowrank_jax.vbmf.linalg import (_compute_dtype, _host_ldexp, _ldexp,
                                      METHODS)
-from lowrank_jax.vbmf.solver import _evbmf_sq, _spectrum
+from lowrank_jax.vbmf.solver import (_evbmf_sq, _gram_unsure,
+                                     _prepare)
 from lowrank_jax.vbmf.weaken import (_check_min_rank, _check_weaken,
                                      _min_ranks, MinRank, weakened_rank)
 
@@ -114,13 +118,60 @@ def _matrix(kernel, mode):
   return mat.T if mat.shape[0] > mat.shape[1] else mat
 
 
+def _bucket(big_l: int) -> int:
+  """Side of the eigenproblem an L x L Gram matrix is zero-padded to.
+
+  The smallest of 16, 24, 32, 48, 64, 96, ... (2^k and 3 * 2^(k-1)) that
+  holds L: a network's L values fall into a few buckets (ResNet-50: 6, was
+  15 shape groups), each one compiled eigensolver loop, and the padding
+  costs at most (3/2)^3 = 3.4x one eigenproblem (none for power-of-two
+  widths).
+  """
+  size = 16
+  while size < big_l:
+    size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+  return size
+
+
+def _bucket_spectra(grams, big_l, method):
+  """gamma^2 (N, P), largest first, of zero-padded Gram matrices (N, P, P).
+
+  ``Y Y^T`` padded with zero rows and columns is block-diagonal, ``diag(G,
+  0)``: its eigenvalues are G's plus P - L zeros. The Gram route's cut
+  (below ``L eps lambda_max``, with the true L) zeroes every eigenvalue of
+  the padding, so the first L entries are G's spectrum and the rest are
+  zeros, as the solver expects (entries from L on never count). LAPACK's
+  Householder reduction leaves a zero trailing block zero, so the padded
+  and unpadded eigenproblems agree to rounding (tests/test_vbmf.py checks
+  the ranks against unpadded EVBMF).
+  """
+  del method
+  # lax.map, not vmap: jaxlib 0.10.2's batched CPU eigh fans its batch out
+  # into XLA's intra-op thread pool and blocks the worker until it is
+  # done; two such calls at once (independent groups) wedged a 2-thread
+  # pool for good. One matrix per call runs inline.
+  lam = jax.lax.map(linalg._eigvalsh, grams)[:, ::-1]
+  tol = big_l * jnp.finfo(lam.dtype).eps * lam[:, :1]
+  return jnp.where(lam > tol, lam, 0.0)
+
+
 @functools.partial(jax.jit, static_argnames=('kinds', 'groups', 'method',
                                              'lapack'))
 def _network_evbmf(sources, kinds, groups, method, lapack=False):
-  """EVBMF of all matrices of a network, grouped by shape, in one program.
+  """EVBMF of all matrices of a network, in one program.
 
   The static arguments hold no layer paths, so networks with the same shapes
   and forms share one compiled program.
+
+  Per (L, M) shape group, the matrices are stacked, scaled (see
+  :func:`~lowrank_jax.vbmf.solver._prepare`) and, on the Gram route, their
+  L x L Gram matrices formed in one batched product. The eigenproblems then
+  run per size bucket (:func:`_bucket`), the Gram matrices zero-padded to it,
+  so a network compiles a few eigensolver loops, not one per shape (the
+  compilation, not the run, dominated the first call). ``'svd'`` runs per
+  shape group. Then ONE vmapped EVBMF solve for all matrices: spectra
+  zero-padded to the longest, true L and M passed as data (zero padding adds
+  nothing to any sum of the free energy).
 
   Args:
     sources: per layer, the kernel / core array or the variables to collapse.
@@ -132,10 +183,14 @@ def _network_evbmf(sources, kinds, groups, method, lapack=False):
 
   Returns:
     ``{dtype: (rank (N,), sigma2 (N,), threshold (N,), gamma (N, P),
-    e (N,))}`` for the N matrices of that dtype in group order, gamma
-    zero-padded to P. sigma2 and the threshold are those of the matrix
+    e (N,), unsure (N,))}`` for the N matrices of that dtype in group order,
+    gamma zero-padded to P. sigma2 and the threshold are those of the matrix
     times ``2**-e`` (multiply by ``2**(2e)`` and ``2**e``); gamma is
     rescaled. A matrix with NaN / Inf entries has rank -1 and NaN gamma.
+    ``unsure`` (``'auto'`` only; else all False) marks the matrices whose
+    spectrum spans more than the Gram route resolves: the caller redoes
+    them with ``'svd'`` (:func:`vbmf_ranks`), so the SVD is compiled only
+    for networks that need it.
   """
   del lapack  # read by _eigvalsh through _LAPACK while tracing
   kernels = []
@@ -147,38 +202,55 @@ def _network_evbmf(sources, kinds, groups, method, lapack=False):
     else:
       kernel = src
     kernels.append(kernel.astype(dtype))
-  # Spectra per shape group (static shapes), then ONE vmapped EVBMF solve
-  # for all matrices: spectra zero-padded to the longest, true L and M
-  # passed as data (zero padding adds nothing to any sum of the free energy).
-  lams, exps, finites, sizes = {}, {}, {}, {}
+  rows = {}  # dtype -> [(lam (n, P), e, finite, L, M)] in group order
+  buckets = {}  # (P, dtype) -> [(slot in rows, padded grams, L)]
   for (big_l, big_m, dtype), members in groups:
     stack = jnp.stack([
         _matrix(kernels[i], kinds[i][1][m]) for i, m in members])
-    # lax.map, not vmap: jaxlib 0.10.2's batched CPU eigh fans its batch out
-    # into XLA's intra-op thread pool and blocks the worker until it is
-    # done; two such calls at once (independent groups) wedged a 2-thread
-    # pool for good. One matrix per call runs inline.
-    lam, e, finite = jax.lax.map(
-        functools.partial(_spectrum, method=method), stack)
-    lams.setdefault(dtype, []).append(lam)
-    exps.setdefault(dtype, []).append(e)
-    finites.setdefault(dtype, []).append(finite)
-    sizes.setdefault(dtype, []).extend([(big_l, big_m)] * len(members))
+    y, e, finite = jax.vmap(_prepare)(stack)
+    part = rows.setdefault(dtype, [])
+    if method == 'svd':
+      # lax.map for the reason given in _bucket_spectra.
+      lam = jax.lax.map(
+          functools.partial(linalg._squared_singular_values, method='svd'),
+          y)
+      part.append([lam, e, finite, big_l, big_m])
+      continue
+    gram = jnp.matmul(y, jnp.swapaxes(y, 1, 2),
+                      precision=jax.lax.Precision.HIGHEST)
+    size = _bucket(big_l)
+    pad = size - big_l
+    buckets.setdefault((size, dtype), []).append(
+        (len(part), jnp.pad(gram, ((0, 0), (0, pad), (0, pad))), big_l))
+    part.append([None, e, finite, big_l, big_m])
+  for (size, dtype), items in buckets.items():
+    counts = [g.shape[0] for _, g, _ in items]
+    big_l = jnp.asarray(np.repeat([l for _, _, l in items], counts), dtype)
+    lam = _bucket_spectra(jnp.concatenate([g for _, g, _ in items]),
+                          big_l[:, None], method)
+    for (slot, _, _), piece in zip(items, jnp.split(
+        lam, np.cumsum(counts)[:-1])):
+      rows[dtype][slot][0] = piece
   out = {}
-  for dtype, parts in lams.items():
-    width = max(p.shape[1] for p in parts)
-    lam = jnp.concatenate([jnp.pad(p, ((0, 0), (0, width - p.shape[1])))
+  for dtype, parts in rows.items():
+    width = max(p[0].shape[1] for p in parts)
+    lam = jnp.concatenate([jnp.pad(p[0], ((0, 0), (0, width - p[0].shape[1])))
                            for p in parts])
-    e = jnp.concatenate(exps[dtype])
-    finite = jnp.concatenate(finites[dtype])
-    big_l, big_m = (jnp.asarray(a, dtype) for a in zip(*sizes[dtype]))
+    e = jnp.concatenate([p[1] for p in parts])
+    finite = jnp.concatenate([p[2] for p in parts])
+    counts = [p[0].shape[0] for p in parts]
+    big_l, big_m = (jnp.asarray(np.repeat([p[k] for p in parts], counts),
+                                dtype) for k in (3, 4))
 
     def solve(lam, big_l, big_m, e, finite):
       res, gamma = _evbmf_sq(lam, big_l, big_m)
+      unsure = (_gram_unsure(lam, big_l, big_m) if method == 'auto'
+                else jnp.zeros((), bool))
       # sigma2 and the threshold stay normalized (the host rescales them in
       # float64, see vbmf_ranks); rank -1 marks a non-finite matrix.
       return (jnp.where(finite, res.rank, -1), res.sigma2, res.threshold,
-              jnp.where(finite, _ldexp(gamma, e), jnp.nan), e)
+              jnp.where(finite, _ldexp(gamma, e), jnp.nan), e,
+              finite & unsure)
 
     out[dtype] = jax.vmap(solve)(lam, big_l, big_m, e, finite)
   return out
@@ -186,7 +258,7 @@ def _network_evbmf(sources, kinds, groups, method, lapack=False):
 
 def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
                min_rank: MinRank = None, report: bool = False,
-               method: str = 'auto'):
+               method: str = 'auto', compilation_cache=None):
   """EVBMF (weakened, clamped) ranks of every selected layer, in one call.
 
   Per layer (paths from :func:`lowrank_jax.tree.layers`):
@@ -209,13 +281,24 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   min_rank=min(min_rank, R))``: EVBMF rank 0 keeps R.
 
   All matrices of the network go through one jitted function (jax.jit caches
-  it per set of shapes and forms): matrices are grouped by their (L, M) shape
-  and each group is one ``vmap``-ed EVBMF. Grouping was chosen over padding to
-  a common size because a network's shapes differ by up to 16x per side
-  (ResNet-50: 3 x 3136 to 1024 x 2048); padding all 70 ResNet-50 matrices to
-  1024 x 4608 would multiply the Gram / SVD work by about 20 (measured in
-  docs/benchmarks_vbmf.md), while grouping compiles 15 small vmapped bodies
-  into the same single program.
+  it per set of shapes and forms): each (L, M) shape group forms its Gram
+  matrices in one batched product, the eigenproblems run per size bucket
+  (Gram matrices zero-padded to 16, 24, 32, 48, 64, ...: the same
+  eigenvalues plus zeros, see :func:`_bucket_spectra`), and one vmapped
+  EVBMF solve takes every matrix. Padding only the L x L Gram matrices to a
+  few sizes, not the matrices to one common size, keeps the work: padding
+  all 70 ResNet-50 matrices to 1024 x 4608 would multiply the Gram / SVD
+  work by about 20 (docs/benchmarks_vbmf.md), while 6 buckets instead of 15
+  shape groups cut the compiled eigensolver loops, which dominated the first
+  call. Under ``'auto'``, the rare matrices whose spectrum spans more than
+  the Gram route resolves are redone with the SVD in a second program.
+
+  The first call traces and compiles (seconds); later calls with the same
+  shapes reuse the program. To skip the compilation in later *processes*
+  too, pass ``compilation_cache=DIR``: JAX's persistent compilation cache
+  (https://docs.jax.dev/en/latest/persistent_compilation_cache.html) is then
+  on in DIR for this call only (nothing is set at import or left set after
+  the call). The cache is trusted code: use a directory only you can write.
 
   Args:
     params: Flax variables dict or bare params tree (not modified).
@@ -229,6 +312,10 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
     report: also return per-layer details.
     method: ``'auto'`` (default), ``'gram'`` or ``'svd'``, see
       :func:`evbmf`.
+    compilation_cache: None (default), or a directory for JAX's persistent
+      compilation cache during this call (created if missing; a fresh
+      process with the same shapes then loads the program instead of
+      compiling it; ``python bench/bench_vbmf.py`` measures both).
 
   Returns:
     ``{path: ranks tuple}``; with ``report``, ``(ranks, details)``
@@ -260,14 +347,54 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   minimum = _min_ranks(plan, list(all_layers), min_rank)
   if not plan:
     return ({}, {}) if report else {}
+  with _persistent_cache(compilation_cache):
+    per_mode, unsure = _run(plan, all_layers, method)
+    if unsure:
+      # 'auto': matrices whose spectra span more than the Gram route
+      # resolves, redone with the SVD in a second program (compiled only
+      # for networks that have such a matrix).
+      redo = sorted({i for i, _ in unsure})
+      again, _ = _run(tuple(plan[i] for i in redo), all_layers, 'svd')
+      for j, i in enumerate(redo):
+        for m in range(len(plan[i].modes)):
+          if (i, m) in unsure:
+            per_mode[(i, m)] = again[(j, m)]
+  ranks, details = _assemble(plan, per_mode, minimum, weaken, report)
+  return (ranks, details) if report else ranks
+
+
+def _run(plan, all_layers, method):
+  """``(per_mode, unsure)`` of the planned layers from one compiled call."""
   sources, kinds, groups = _program_inputs(plan, all_layers)
   # _network_evbmf's _eigvalsh reads the switch while tracing; passing it as
   # a static argument gives each setting its own compiled program.
   out = jax.device_get(_network_evbmf(sources, kinds, groups, method,
                                       lapack=linalg._LAPACK['on']))
-  per_mode = _per_mode(out, groups, plan)
-  ranks, details = _assemble(plan, per_mode, minimum, weaken, report)
-  return (ranks, details) if report else ranks
+  return _per_mode(out, groups, plan)
+
+
+@contextlib.contextmanager
+def _persistent_cache(directory):
+  """JAX's persistent compilation cache in ``directory`` for this block.
+
+  Sets ``jax_compilation_cache_dir`` (and a minimum compile time of 0 s, so
+  that every program of the block is stored) and restores both after.
+  JAX opens one cache directory per process: the first directory used, by
+  this or by JAX's own setting, serves the rest of the process.
+  """
+  if directory is None:
+    yield
+    return
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs')
+  before = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], os.fspath(directory))
+  jax.config.update(names[1], 0.0)
+  try:
+    yield
+  finally:
+    for n, v in before.items():
+      jax.config.update(n, v)
 
 
 def _plan(params: Mapping, select) -> tuple[dict, tuple[_Layer, ...]]:
@@ -304,16 +431,18 @@ def _program_inputs(plan, all_layers):
   return tuple(sources), kinds, groups
 
 
-def _per_mode(out, groups, plan) -> dict[tuple[int, int], tuple]:
-  """``{(layer, mode): (rank, sigma2, threshold, gamma)}`` on the host.
+def _per_mode(out, groups, plan) -> tuple[dict[tuple[int, int], tuple],
+                                         set[tuple[int, int]]]:
+  """``{(layer, mode): (rank, sigma2, threshold, gamma)}`` on the host, and
+  the ``(layer, mode)`` keys that ``'auto'`` must redo with the SVD.
 
   Raises:
     ValueError: a matrix came out non-finite (rank -1) although its layer's
       variables are finite.
   """
-  per_mode, row = {}, {}
+  per_mode, row, unsure = {}, {}, set()
   for (big_l, _, dtype), members in groups:
-    rank, sigma2, thr, gamma, e = out[dtype]
+    rank, sigma2, thr, gamma, e, redo = out[dtype]
     for i, m in members:
       j = row.setdefault(dtype, 0)
       row[dtype] += 1
@@ -331,7 +460,9 @@ def _per_mode(out, groups, plan) -> dict[tuple[int, int], tuple]:
                                                     2 * int(e[j])),
                           _host_ldexp(float(thr[j]), int(e[j])),
                           np.asarray(gamma[j, :big_l]))
-  return per_mode
+      if redo[j]:
+        unsure.add((i, m))
+  return per_mode, unsure
 
 
 def _assemble(plan, per_mode, minimum, weaken, report):
