@@ -150,8 +150,8 @@ def _factorize(form_name: str, kinds: tuple[str, ...], mode_names, bounds_of,
   return eligible, build
 
 
-def tucker2_split(params, ranks: Ranks, *, select=None, hooi_iters: int = 0,
-                  report: bool = False):
+def tucker2_split(params, ranks: Ranks, *, select=None,
+                  hooi_iters: int = 100, report: bool = False):
   """Splits k x k convs into 1x1 -> k x k -> 1x1 (Tucker-2).
 
   Args:
@@ -160,7 +160,10 @@ def tucker2_split(params, ranks: Ranks, *, select=None, hooi_iters: int = 0,
       (e.g. from :func:`lowrank_jax.vbmf_ranks`) or ``f(path, variables)``.
     select: layer selection rules (default: all k x k convs, or the paths of
       a ranks dict).
-    hooi_iters: HOOI sweeps after the HOSVD initialisation.
+    hooi_iters: most HOOI sweeps from the HOSVD start; HOOI stops earlier
+      when a sweep lowers the relative error by at most 1e-5 (at most
+      TensorLy ``partial_tucker``'s error). 0: plain HOSVD. A layer already
+      in Tucker-2 form has its core split the same way (MUSCO).
     report: also return a list of :class:`LayerAction`.
 
   Returns:
@@ -288,7 +291,7 @@ def collapse(params, *, select=None, report: bool = False):
 
 
 def decompose(variables, ranks: Mapping[str, Any], *,
-              conv_form: str = 'tucker2', hooi_iters: int = 0,
+              conv_form: str = 'tucker2', hooi_iters: int = 100,
               keep_larger: bool = False, report: bool = False):
   """Splits each layer named in ``ranks``, by the shape of its rank tuple.
 
@@ -302,7 +305,8 @@ def decompose(variables, ranks: Mapping[str, Any], *,
     variables: variables dict, params tree or ``nnx.Module`` (not modified).
     ranks: ``{path: ranks tuple}``.
     conv_form: ``'tucker2'`` or ``'cp'``, for k x k convs.
-    hooi_iters: HOOI sweeps of the Tucker-2 splits.
+    hooi_iters: most HOOI sweeps of the Tucker-2 splits (to a 1e-5
+      tolerance, as in :func:`tucker2_split`); 0: plain HOSVD.
     keep_larger: also split a layer whose split would have at least as many
       parameters as it has now (by default it is kept as it is, and the
       report says why).
