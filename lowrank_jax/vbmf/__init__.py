@@ -6,7 +6,8 @@ noise variance sigma^2 and keeps the singular values above the EVB threshold.
 It is pure ``jnp``, jittable and vmappable.
 
 :func:`vbmf_ranks` applies it to every selected layer of a parameter tree in
-*one* compiled call: the two Tucker-2 unfoldings of each k x k conv, the
+one compiled call (a second only for matrices whose spectrum the Gram route
+cannot resolve; eigenproblems are grouped in size buckets): the two Tucker-2 unfoldings of each k x k conv, the
 (everything but C_out) x C_out matrix of each dense layer and 1x1 conv, and the
 core of each layer already in Tucker-2 form (MUSCO re-compression). The ranks
 are then weakened (:func:`weakened_rank`) and clamped on the host.
@@ -21,7 +22,8 @@ Modules:
   there).
 * :mod:`~lowrank_jax.vbmf.weaken`: :func:`weakened_rank` and minimum ranks.
 * :mod:`~lowrank_jax.vbmf.network`: :func:`vbmf_ranks` (per-layer plans, one
-  compiled program for the whole network).
+  compiled program for the whole network, size buckets, the opt-in
+  persistent compilation cache).
 
 References:
   Nakajima, Sugiyama, Babacan, Tomioka, Global Analytic Solution of
