@@ -93,7 +93,7 @@ def _check_depth(depth, path: str = '') -> int:
 
 
 def adtn_encode(params, *, select=None, depth: Depth,
-                nonlinearity: str = 'relu', steps: int = 2000,
+                nonlinearity: str = 'relu', steps: int = 500,
                 learning_rate: float = 1e-2, key: jax.Array | None = None,
                 min_size: int = 4096, noise: float = 0.1, clip: float = 1.0,
                 channel_scale: bool = False, match_norm: bool = False,
@@ -105,9 +105,15 @@ def adtn_encode(params, *, select=None, depth: Depth,
   ``Q = max(2, ceil(log2 W.size))`` qubits (the ``2^Q - W.size`` extra
   entries are padding, decoded and dropped) and ``depth`` brick-wall layers of
   ``Q - 1`` gates. The gates start at identity plus ``noise`` Gaussian noise,
-  the scale at ``||W|| / ||W_hat||``, and Adam (cosine-decayed learning
+  the scale at its least-squares value, and Adam (cosine-decayed learning
   rate, global-norm clipping) minimises ``||W - W_hat||^2 / ||W||^2`` for
-  ``steps`` steps in one jitted ``lax.scan``; the best iterate is kept.
+  ``steps`` steps in one jitted ``lax.scan``; the best iterate is kept and
+  its scale made least-squares, so (without ``match_norm``) the reported
+  error is at most 1, the zero kernel's (:func:`lowrank_jax.forms.adtn.fit`).
+  How far below 1 depends on the kernel: trained dense kernels are close to
+  full rank and a network of ~1,000 parameters captures a few percent of
+  their energy, about what an SVD of the same size does
+  (``docs/benchmarks_adtn_fit.md``).
 
   Layers are skipped (with the reason in the report) when
   ``W.size < min_size`` or when the ADTN would have at least as many
@@ -139,7 +145,8 @@ def adtn_encode(params, *, select=None, depth: Depth,
       their concatenated kernels (``depth`` must then be an int;
       ``channel_scale`` is not available; ``min_size`` applies per layer and
       the parameter check to the whole group). Each member also learns a
-      scalar of its own (its ``adtn_ref_scale``, 1 after the fit).
+      scalar of its own (its ``adtn_ref_scale``: after the fit, the
+      least-squares scale of its slice; 1 with ``match_norm``).
     report: also return a list of :class:`ADTNLayerAction`.
 
   Returns:
@@ -232,35 +239,14 @@ def _encode_shared(params, *, select, depth, nonlinearity, steps,
                    learning_rate, key, min_size, noise, clip, channel_scale,
                    match_norm, report):
   """adtn_encode(..., share=True): one network for all selected layers."""
-  if not isinstance(depth, int) or isinstance(depth, bool):
-    raise TypeError(f'share=True takes one int depth for the whole group, '
-                    f'got {depth!r}')
-  if channel_scale:
-    raise ValueError('share=True has no per-channel scale (members of '
-                     'different widths share one network); use '
-                     'channel_scale=False')
-  m = _check_depth(depth)
+  m = _check_shared_options(depth, channel_scale)
   bare, rebuild = tree.split_variables(params)
   groups = dict(bare.get(shared_form.ROOT, {}))
-  index = 0
-  while f'g{index}' in groups:
-    index += 1
-  name = f'g{index}'
+  index = _free_group_index(groups)
   all_layers = tree.layers(bare)
   chosen = tree.select_paths(all_layers, select)
-  sizes = {p: math.prod(tree.kernel_shape(all_layers[p]))
-           for p in chosen}
-  members, skipped = [], {}
-  for path in chosen:
-    v = all_layers[path]
-    reason = (f'already a member of shared group '
-              f'{shared_form.group_name(v)!r}'
-              if forms.identify(v) == shared_form.NAME
-              else _too_small(sizes[path], min_size))
-    if reason:
-      skipped[path] = reason
-    else:
-      members.append(path)
+  sizes = {p: math.prod(tree.kernel_shape(all_layers[p])) for p in chosen}
+  members, skipped = _shared_members(all_layers, chosen, sizes, min_size)
   kernels = {}
   for path in members:
     tree.check_finite(path, all_layers[path])
@@ -275,47 +261,107 @@ def _encode_shared(params, *, select, depth, nonlinearity, steps,
     members = []
   new, errors = {}, {}
   if members:
-    flat = jnp.concatenate([kernels[p].reshape(-1) for p in members])
-    fitted, _, _ = adtn_form.fit(
-        flat, m, nonlinearity=nonlinearity, steps=steps,
+    groups[f'g{index}'], new, errors = _fit_shared(
+        {p: kernels[p] for p in members}, all_layers, index, m,
+        key=key, nonlinearity=nonlinearity, steps=steps,
         learning_rate=learning_rate, noise=noise, clip=clip,
-        match_norm=match_norm, key=key)
-    g = shared_form.group(fitted['adtn_gates'], fitted['adtn_scale'], total,
-                          nonlinearity, flat.dtype)
-    groups[name] = g
-    decoded = shared_form.decode_group(g)
-    start = 0
-    for path in members:
-      k = kernels[path]
-      out = shared_form.member(k.shape, index, start, k.dtype)
-      if 'bias' in all_layers[path]:
-        out['bias'] = all_layers[path]['bias']
-      w_hat = shared_form.slice_kernel(decoded, out)
-      errors[path] = float(jnp.linalg.norm(w_hat - k) /
-                           jnp.maximum(jnp.linalg.norm(k), 1e-30))
-      new[path] = out
-      start += k.size
+        match_norm=match_norm)
   result = tree.replace_layers(bare, new)
   if members:
     result = {**result, shared_form.ROOT: groups}
   result = rebuild(result)
   if not report:
     return result
+  return result, _shared_report(all_layers, chosen, sizes, members, skipped,
+                                errors, (m, q), group_params, f'g{index}')
+
+
+def _check_shared_options(depth, channel_scale) -> int:
+  """The group's depth; raises on options share=True does not take."""
+  if not isinstance(depth, int) or isinstance(depth, bool):
+    raise TypeError(f'share=True takes one int depth for the whole group, '
+                    f'got {depth!r}')
+  if channel_scale:
+    raise ValueError('share=True has no per-channel scale (members of '
+                     'different widths share one network); use '
+                     'channel_scale=False')
+  return _check_depth(depth)
+
+
+def _free_group_index(groups) -> int:
+  """The smallest k with no group 'g<k>' yet."""
+  index = 0
+  while f'g{index}' in groups:
+    index += 1
+  return index
+
+
+def _shared_members(all_layers, chosen, sizes, min_size):
+  """``(members, {skipped path: reason})`` of a shared encoding."""
+  members, skipped = [], {}
+  for path in chosen:
+    v = all_layers[path]
+    if forms.identify(v) == shared_form.NAME:
+      reason = (f'already a member of shared group '
+                f'{shared_form.group_name(v)!r}')
+    else:
+      reason = _too_small(sizes[path], min_size)
+    if reason:
+      skipped[path] = reason
+    else:
+      members.append(path)
+  return members, skipped
+
+
+def _fit_shared(kernels, all_layers, index, m, *, key, **fit_options):
+  """Fits one network to the concatenated ``kernels`` (in their order).
+
+  Returns:
+    ``(group variables, {path: member variables}, {path: rel. error})``.
+    Each member's ``adtn_ref_scale`` is the least-squares scale of its own
+    slice, so no member's error exceeds 1 (the zero kernel's), whatever the
+    group's common scale favours.
+  """
+  flat = jnp.concatenate([k.reshape(-1) for k in kernels.values()])
+  fitted, _, _ = adtn_form.fit(flat, m, key=key, **fit_options)
+  g = shared_form.group(fitted['adtn_gates'], fitted['adtn_scale'],
+                        flat.size, fit_options['nonlinearity'], flat.dtype)
+  decoded = shared_form.decode_group(g)
+  new, errors, start = {}, {}, 0
+  for path, k in kernels.items():
+    out = shared_form.member(k.shape, index, start, k.dtype)
+    w = shared_form.slice_kernel(decoded, out)
+    ref = 1.0 if fit_options['match_norm'] else adtn_form.ls_scale(w, k)
+    out['adtn_ref_scale'] = jnp.asarray(ref, k.dtype)
+    if 'bias' in all_layers[path]:
+      out['bias'] = all_layers[path]['bias']
+    w_hat = shared_form.slice_kernel(decoded, out)
+    errors[path] = float(jnp.linalg.norm(w_hat - k) /
+                         jnp.maximum(jnp.linalg.norm(k), 1e-30))
+    new[path] = out
+    start += k.size
+  return g, new, errors
+
+
+def _shared_report(all_layers, chosen, sizes, members, skipped, errors,
+                   ranks, group_params, name):
+  """The :class:`ADTNLayerAction` list of a shared encoding (the group's
+  parameters count at its first member, plus one ref scale per member)."""
   actions = []
   for path in chosen:
     v = all_layers[path]
     before = forms.identify(v)
     n = sizes[path]
-    if path in new:
+    if path in errors:
       first = path == members[0]
       actions.append(ADTNLayerAction(
-          path, 'split', before, shared_form.NAME, (m, q), '',
+          path, 'split', before, shared_form.NAME, ranks, '',
           errors[path], n, 1 + (group_params if first else 0), name))
     else:
       actions.append(ADTNLayerAction(
           path, 'skipped', before, before, forms.get(before).ranks(v),
           skipped[path], float('nan'), n, n))
-  return result, actions
+  return actions
 
 
 def adtn_unshare(params, *, report: bool = False):
@@ -353,12 +399,10 @@ def adtn_unshare(params, *, report: bool = False):
 class DecodeTime(NamedTuple):
   """Wall time of decoding every ADTN layer of a tree in one jitted call."""
   seconds: float                 # median over repeats, all layers together
-  per_layer: dict[str, float]    # median seconds of each layer alone
   macs: dict[str, int]           # decode multiply-adds of each layer
 
 
-def decode_time(params, *, repeats: int = 10,
-                per_layer: bool = True) -> DecodeTime:
+def decode_time(params, *, repeats: int = 10, report: bool = False):
   """Measures the jitted decode time of all ADTN layers (compile excluded).
 
   This is the extra cost per training step (and per inference call, unless
@@ -368,12 +412,12 @@ def decode_time(params, *, repeats: int = 10,
   Args:
     params: variables dict or bare params tree.
     repeats: timed calls after one warm-up call; the median is reported.
-    per_layer: also time each layer alone.
+    report: also time each layer alone and return ``{path: seconds}``.
 
   Returns:
-    A :class:`DecodeTime` (zeros and empty dicts when there is no ADTN
-    layer); a shared group is timed and counted once, under
-    ``'adtn_shared/g<k>'``.
+    A :class:`DecodeTime` (zero seconds and no MACs when there is no ADTN
+    layer); with ``report``, ``(timing, per_layer_seconds)``. A shared group
+    is timed and counted once, under ``'adtn_shared/g<k>'``.
   """
   params, _ = tree.split_variables(params)
   layers = {p: v for p, v in tree.layers(params).items()
@@ -383,27 +427,30 @@ def decode_time(params, *, repeats: int = 10,
     path = f'{shared_form.ROOT}/{g}'
     layers[path] = v
     macs[path] = shared_form.decode_macs(v)
+  timing = DecodeTime(_median_decode_seconds(layers, repeats) if layers
+                      else 0.0, macs)
+  if not report:
+    return timing
+  return timing, {p: _median_decode_seconds({p: v}, repeats)
+                  for p, v in layers.items()}
+
+
+def _median_decode_seconds(layers, repeats: int) -> float:
+  """Median seconds of one jitted decode of ``{path: variables}``."""
 
   def decode_one(path, v):
     if path.startswith(shared_form.ROOT + '/'):
       return shared_form.decode_group(v)
     return adtn_form.to_kernel(v)
 
-  def timed(subset):
-    fn = jax.jit(lambda t: {p: decode_one(p, v) for p, v in t.items()})
-    jax.block_until_ready(fn(subset))
-    times = []
-    for _ in range(max(1, repeats)):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(subset))
-      times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-  if not layers:
-    return DecodeTime(0.0, {}, {})
-  total = timed(layers)
-  each = ({p: timed({p: v}) for p, v in layers.items()} if per_layer else {})
-  return DecodeTime(float(total), each, macs)
+  fn = jax.jit(lambda t: {p: decode_one(p, v) for p, v in t.items()})
+  jax.block_until_ready(fn(layers))
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(layers))
+    times.append(time.perf_counter() - t0)
+  return float(statistics.median(times))
 
 
 __all__ = ['ADTNLayerAction', 'DecodeTime', 'adtn_encode', 'adtn_param_count',

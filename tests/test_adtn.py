@@ -136,6 +136,64 @@ def test_encode_rank1_kernel_reaches_small_error():
   assert params['params']['fc']['kernel'].shape == (64, 64)   # not modified
 
 
+def _trained_like(n_in, n_out, *, rank=3, noise=0.3, seed=0):
+  """A low-rank kernel with smooth factors plus Gaussian noise (noise/signal
+  = ``noise`` in Frobenius norm): the SVD's error floor is ~``noise``."""
+  rng = np.random.default_rng(seed)
+
+  def smooth(n):
+    x = np.arange(n)[:, None] / n
+    return sum(rng.normal(size=(1, rank)) *
+               np.cos(2 * np.pi * (f * x + rng.uniform(size=(1, rank))))
+               for f in (1, 2, 3))
+  w = smooth(n_in) @ smooth(n_out).T
+  w = w / np.linalg.norm(w) + noise * rng.normal(size=w.shape) / np.sqrt(
+      w.size)
+  return jnp.asarray(w, jnp.float32)
+
+
+@pytest.mark.parametrize('steps', [0, 5])
+@pytest.mark.parametrize('channel_scale', [False, True])
+def test_fit_error_never_above_the_zero_kernel(steps, channel_scale):
+  # A Gaussian kernel the ADTN cannot represent: the least-squares scale
+  # keeps the error <= 1 (the zero kernel's). The old norm-matched initial
+  # scale gave ~sqrt(2) here at steps=0 and ~1.4 after 20 steps.
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (40, 30))
+  v, err, _ = adtn_form.fit(kernel, 2, steps=steps, noise=0.5,
+                            channel_scale=channel_scale,
+                            key=jax.random.PRNGKey(0))
+  w_hat = adtn_form.to_kernel(v)
+  want = float(jnp.linalg.norm(w_hat - kernel) / jnp.linalg.norm(kernel))
+  assert err == pytest.approx(want, rel=1e-4)
+  assert err <= 1.0 + 1e-6
+  # The scale is least-squares: a better multiple of the decode there isn't.
+  for factor in (0.9, 1.1):
+    assert float(jnp.linalg.norm(factor * w_hat - kernel)) >= float(
+        jnp.linalg.norm(w_hat - kernel)) * (1 - 1e-6)
+  # match_norm trades the error for the kernel's norm.
+  v, err_mn, _ = adtn_form.fit(kernel, 2, steps=steps, noise=0.5,
+                               channel_scale=channel_scale, match_norm=True,
+                               key=jax.random.PRNGKey(0))
+  np.testing.assert_allclose(jnp.linalg.norm(adtn_form.to_kernel(v)),
+                             jnp.linalg.norm(kernel), rtol=1e-4)
+  assert err_mn >= err - 1e-6
+
+
+def test_fit_of_trained_like_kernel_falls_with_steps_and_depth():
+  w = _trained_like(32, 32)               # SVD: rank 1 0.43, rank 3 0.26
+  errs = {}
+  for m, steps in ((1, 300), (3, 30), (3, 300)):
+    _, errs[m, steps], losses = adtn_form.fit(w, m, steps=steps,
+                                              key=jax.random.PRNGKey(0))
+    assert losses.shape == (steps,)
+    assert errs[m, steps] <= math.sqrt(float(losses[0])) + 1e-6
+  # Measured (seeds 0-2 of the kernel): M=3 after 300 steps 0.28-0.29,
+  # after 30 steps 0.80-0.97; M=1 (bond dimension 2) after 300: 0.48-0.64.
+  assert errs[3, 300] < 0.4
+  assert errs[3, 300] < errs[3, 30] - 0.2
+  assert errs[3, 300] < errs[1, 300] - 0.1
+
+
 def test_model_apply_equals_decoded_dense_and_collapse():
   model = models.get_model('lenet5')
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 28, 28, 1))
@@ -173,7 +231,7 @@ def test_model_apply_equals_decoded_dense_and_collapse():
   assert f_new.per_layer['conv2'].form == 'adtn'
   assert count_params(new) < count_params(variables)
   # decode time helper and decode cost.
-  timing = adtn.decode_time(new, repeats=2, per_layer=False)
+  timing = adtn.decode_time(new, repeats=2)
   assert set(timing.macs) == {'conv2', 'fc2'} and timing.seconds > 0
   v = new['params']['fc2']                # 120 x 84 -> Q = 14, M = 2
   assert timing.macs['fc2'] == (8 * (2 ** 13 - 1) + 13 * 4 * 2 ** 14
@@ -216,12 +274,12 @@ def test_training_through_decode_lowers_loss():
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
   # A randomly initialised fc1 is not representable (fit error ~1; the
   # least-squares fit shrinks it towards 0): match_norm keeps its scale.
-  # The near-identity init alone decodes to a very spiky kernel (a handful of
-  # entries carry most of the norm) that makes the first Adam steps blow up;
-  # 20 fit steps spread it enough, as does larger init noise.
+  # Measured with init noise 0.5, the first Adam step (lr 1e-2) took the
+  # loss from 2.4 to 50-340 (20 or 100 fit steps, with or without
+  # match_norm); with noise 0.1 it falls steadily.
   new, rep = adtn.adtn_encode(variables, select='fc1', depth=3, steps=20,
-                              noise=0.5, match_norm=True, report=True,
-                                  key=jax.random.PRNGKey(0))
+                              noise=0.1, match_norm=True, report=True,
+                              key=jax.random.PRNGKey(0))
   assert rep[0].ranks == (3, 18)                    # 784*256 -> 2^18
   params = new['params']
   trainable = params['fc1']                         # gates, scale, bias
@@ -249,8 +307,9 @@ def test_training_through_decode_lowers_loss():
       assert float(jnp.abs(grad['adtn_gates']).max()) > 0
   assert len(losses) == 16
   assert float(jnp.abs(trainable['adtn_gates'] - gates0).max()) > 1e-3
-  # Measured: 2.48 -> ~1.5 (only the ADTN layer's gates, scale, bias train).
-  assert np.mean(losses[-4:]) < losses[0] - 0.3, losses
+  # Measured: 2.42 -> 2.07 (mean of the last 4; only the ADTN layer's
+  # gates, scale and bias train).
+  assert np.mean(losses[-4:]) < losses[0] - 0.2, losses
 
 
 def _shared_lenet5(steps=0):
@@ -288,6 +347,7 @@ def test_shared_adtn_one_network_for_two_layers():
         new['params'][path]['adtn_ref_scale'])
     np.testing.assert_allclose(dense['params'][path]['kernel'], want,
                                rtol=1e-5, atol=1e-7)
+    assert rep[start > 0].rel_error <= 1.0 + 1e-6   # least-squares ref
     assert math.isclose(rep[start > 0].rel_error, float(
         np.linalg.norm(want - variables['params'][path]['kernel']) /
         np.linalg.norm(variables['params'][path]['kernel'])), rel_tol=1e-4)
@@ -323,7 +383,10 @@ def test_shared_adtn_gradients_from_all_members_reach_the_gates():
                                'adtn_gates': gates}}
     p['fc2'] = adtn.adtn_unshare(new)['params']['fc2']
     return jnp.sum(lj.apply(model, {'params': p}, x) ** 2)
-  assert float(jnp.abs(jax.grad(fc1_only)(gates) - g_model).max()) > 1e-6
+  # (Relative: with steps=0 on random kernels the least-squares scales,
+  # hence the gradients, are small.)
+  assert float(jnp.abs(jax.grad(fc1_only)(gates) - g_model).max()) > (
+      1e-3 * float(jnp.abs(g_model).max()))
   # The decode cost is the group's, counted once.
   timing = adtn.decode_time(new, repeats=1)
   assert set(timing.macs) == {'adtn_shared/g0'}
