@@ -121,8 +121,25 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array,
   return channel_matmul(patches, k)
 
 
+# The widest 1x1 stage (max of C_in, C_out) on NHWC activations that runs as
+# a 1x1 ``conv_general_dilated`` (what ``nn.Conv`` runs) instead of a
+# ``dot_general``. Inside a network XLA:CPU fuses the stages of a factored
+# layer with its neighbours; a ``dot_general`` enters that fusion through
+# (N*H*W, C) reshapes, which cost most where channels are few. Measured on
+# whole networks at batch 128 (bench/bench_pointwise.py,
+# docs/benchmarks_pointwise.md): conv for stages of <= 64 channels and
+# dot_general for wider ones is the fastest choice or close to it on the
+# small VGG, ResNet-20 and VGG-16; ResNet-18 prefers dot_general everywhere.
+# Timed alone, outside a network, a stage's dot_general is the faster op.
+POINTWISE_CONV_MAX_CHANNELS = 64
+
+
 def channel_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """A 1x1 conv (stride 1) as one ``dot_general`` on the trailing channel axis.
+  """A 1x1 conv (stride 1) on the trailing channel axis.
+
+  A ``dot_general``, except on NHWC activations with at most
+  ``POINTWISE_CONV_MAX_CHANNELS`` channels in and out, which run as a 1x1
+  ``conv_general_dilated`` (same result; see the constant).
 
   Args:
     x: ``(..., C_in)``.
@@ -131,6 +148,10 @@ def channel_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   Returns:
     ``(..., C_out)``.
   """
+  if x.ndim == 4 and max(w.shape) <= POINTWISE_CONV_MAX_CHANNELS:
+    return jax.lax.conv_general_dilated(
+        x, w[None, None], window_strides=(1, 1), padding='VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
