@@ -55,6 +55,9 @@ class ADTNLayerAction(NamedTuple):
   params_after: int = 0    # gates + scale (bias excluded); with share=True
                            # the group's parameters count at its first member
   group: str = ''          # the shared group ('g0', ...) with share=True
+  fit_error: float = float('nan')   # the same at the least-squares scale,
+                           # sqrt(1 - cos^2(W, W_hat)) <= 1: the fit's
+                           # quality whatever scale match_norm chose
 
 
 def adtn_param_count(q: int, m: int, *, scale_size: int = 1) -> int:
@@ -74,6 +77,13 @@ def _depth_for(depth: Depth, path: str, variables) -> int:
   elif isinstance(depth, Mapping):
     depth = depth[path]
   return _check_depth(depth, path)
+
+
+def _fit_error(w_hat, kernel) -> float:
+  """``||s W_hat - W|| / ||W||`` at the least-squares ``s`` (<= 1)."""
+  s = adtn_form.ls_scale(w_hat, kernel)
+  return float(jnp.linalg.norm(s * w_hat - kernel) /
+               jnp.maximum(jnp.linalg.norm(kernel), 1e-30))
 
 
 def _too_small(n: int, min_size: int) -> str:
@@ -213,7 +223,8 @@ def adtn_encode(params, *, select=None, depth: Depth,
         learning_rate=learning_rate, noise=noise, clip=clip,
         channel_scale=channel_scale, match_norm=match_norm,
         key=jax.random.fold_in(key, index[path]))
-    results[path] = (err, n, after)
+    results[path] = (err, n, after,
+                     _fit_error(adtn_form.to_kernel(out), kernel))
     return out
 
   select_arg = select
@@ -227,11 +238,12 @@ def adtn_encode(params, *, select=None, depth: Depth,
   old_layers = tree.layers(tree.split_variables(params)[0])
   out = []
   for a in actions:
-    err, n, after = results.get(a.path, (float('nan'), 0, 0))
+    err, n, after, fit_err = results.get(a.path, (float('nan'), 0, 0,
+                                                  float('nan')))
     if a.action == 'skipped':
       n = after = math.prod(tree.kernel_shape(old_layers[a.path]))
     out.append(ADTNLayerAction(*a, rel_error=err, params_before=n,
-                               params_after=after))
+                               params_after=after, fit_error=fit_err))
   return new, out
 
 
@@ -317,7 +329,8 @@ def _fit_shared(kernels, all_layers, index, m, *, key, **fit_options):
   """Fits one network to the concatenated ``kernels`` (in their order).
 
   Returns:
-    ``(group variables, {path: member variables}, {path: rel. error})``.
+    ``(group variables, {path: member variables}, {path: (rel. error,
+    error at the least-squares scale)})``.
     Each member's ``adtn_ref_scale`` is the least-squares scale of its own
     slice, so no member's error exceeds 1 (the zero kernel's), whatever the
     group's common scale favours.
@@ -336,8 +349,9 @@ def _fit_shared(kernels, all_layers, index, m, *, key, **fit_options):
     if 'bias' in all_layers[path]:
       out['bias'] = all_layers[path]['bias']
     w_hat = shared_form.slice_kernel(decoded, out)
-    errors[path] = float(jnp.linalg.norm(w_hat - k) /
-                         jnp.maximum(jnp.linalg.norm(k), 1e-30))
+    errors[path] = (float(jnp.linalg.norm(w_hat - k) /
+                          jnp.maximum(jnp.linalg.norm(k), 1e-30)),
+                    _fit_error(w_hat, k))
     new[path] = out
     start += k.size
   return g, new, errors
@@ -356,7 +370,8 @@ def _shared_report(all_layers, chosen, sizes, members, skipped, errors,
       first = path == members[0]
       actions.append(ADTNLayerAction(
           path, 'split', before, shared_form.NAME, ranks, '',
-          errors[path], n, 1 + (group_params if first else 0), name))
+          errors[path][0], n, 1 + (group_params if first else 0), name,
+          errors[path][1]))
     else:
       actions.append(ADTNLayerAction(
           path, 'skipped', before, before, forms.get(before).ranks(v),

@@ -294,6 +294,7 @@ def run_adtn(config, workdir: str) -> dict:
           'form': act.form_before, 'form_after': act.form_after,
           'action': act.action, 'kept': act.reason,
           'chosen': list(act.ranks), 'rel_error': act.rel_error,
+          'fit_error': act.fit_error,
           'params_before': act.params_before,
           'params_after': act.params_after, 'group': act.group}
     timing = adtn_lib.decode_time(out)
