@@ -305,10 +305,19 @@ def main():
               'a few dozen steps cannot retrain a classifier whose initial fit '
               'has relative error > 1. It needs the paper\'s full schedule '
               '(a GPU session).']
-    out += ['', 'Relative reconstruction errors of the initial fit: ' +
-            '; '.join(f'{m}: ' + ', '.join(f'{p} {e:.3f}' for p, e in
-                                           r['rel_error'].items())
-                      for m, r in adtn.items()) + '.', '', '### Runs', '']
+    def errors(r):   # 'fc1 1.262 (fit 0.990)': rescaled, least-squares
+      fit = r.get('fit_error') or {}
+      return ', '.join(f'{p} {e:.3f}' + (f' (fit {fit[p]:.3f})'
+                                         if fit.get(p) is not None else '')
+                       for p, e in r['rel_error'].items())
+    out += ['', 'Relative reconstruction errors of the initial fit, '
+            '`||W - W_hat|| / ||W||` of the kernel training starts from '
+            '(rescaled to the kernel\'s norm, `adtn.match_norm`), and in '
+            'brackets where recorded at the least-squares scale (the fit '
+            'itself; the zero kernel scores 1, see '
+            '[benchmarks_adtn_fit.md](benchmarks_adtn_fit.md)): ' +
+            '; '.join(f'{m}: {errors(r)}' for m, r in adtn.items()) + '.',
+            '', '### Runs', '']
     for m, r in adtn.items():
       out.append(f'* `{m}` ({r["run_s"]:.0f} s, then the SVD comparison in '
                  f'the same script `python bench/results_adtn.py --models '
