@@ -23,7 +23,7 @@ from lowrank_jax import tree
 from lowrank_jax import vbmf
 from lowrank_jax.forms import svd as svd_form
 from lowrank_jax.forms import tucker2
-from lowrank_jax.vbmf import network
+from lowrank_jax.vbmf import batched
 from lowrank_jax.vbmf import solver
 from lowrank_jax.models import get_model
 
@@ -696,7 +696,7 @@ def test_lapack_eigenvalue_path_is_opt_in_active_and_correct(resnet20):
                                         (24, 24), (25, 32), (100, 128),
                                         (147, 192), (512, 512), (513, 768)])
 def test_bucket_sizes(big_l, size):
-  assert network._bucket(big_l) == size
+  assert batched._bucket(big_l) == size
   assert big_l <= size <= max(16, 1.5 * big_l)
 
 
@@ -741,7 +741,7 @@ def test_bucketed_spectra_equal_unpadded_eigenvalues():
   grams = [y @ y.T for y in ys]
   padded = jnp.stack([np.pad(g, ((0, 24 - len(g)), (0, 24 - len(g))))
                       for g in grams])
-  lam = network._bucket_spectra(padded, jnp.asarray([[20.], [21.], [24.]]),
+  lam = batched._bucket_spectra(padded, jnp.asarray([[20.], [21.], [24.]]),
                                 'gram')
   for row, g in zip(np.asarray(lam), grams):
     big_l = len(g)

@@ -7,10 +7,11 @@ It is pure ``jnp``, jittable and vmappable.
 
 :func:`vbmf_ranks` applies it to every selected layer of a parameter tree in
 one compiled call (a second only for matrices whose spectrum the Gram route
-cannot resolve; eigenproblems are grouped in size buckets): the two Tucker-2 unfoldings of each k x k conv, the
-(everything but C_out) x C_out matrix of each dense layer and 1x1 conv, and the
-core of each layer already in Tucker-2 form (MUSCO re-compression). The ranks
-are then weakened (:func:`weakened_rank`) and clamped on the host.
+cannot resolve; eigenproblems are grouped in size buckets): the two Tucker-2
+unfoldings of each k x k conv, the (everything but C_out) x C_out matrix of
+each dense layer and 1x1 conv, and the core of each layer already in Tucker-2
+form (MUSCO re-compression). The ranks are then weakened
+(:func:`weakened_rank`) and clamped on the host.
 
 Modules:
 
@@ -21,9 +22,12 @@ Modules:
   free energy and its global minimizer, input checks (implementation notes
   there).
 * :mod:`~lowrank_jax.vbmf.weaken`: :func:`weakened_rank` and minimum ranks.
-* :mod:`~lowrank_jax.vbmf.network`: :func:`vbmf_ranks` (per-layer plans, one
-  compiled program for the whole network, size buckets, the opt-in
-  persistent compilation cache).
+* :mod:`~lowrank_jax.vbmf.network`: :func:`vbmf_ranks` (per-layer plans:
+  which matrices each layer contributes, unfoldings, cores, minimum ranks;
+  the weakened, clamped ranks).
+* :mod:`~lowrank_jax.vbmf.batched`: EVBMF of all the planned matrices in one
+  compiled program (size buckets, zero-padded Gram matrices, the ``'auto'``
+  SVD redo, the opt-in persistent compilation cache).
 
 References:
   Nakajima, Sugiyama, Babacan, Tomioka, Global Analytic Solution of
@@ -44,7 +48,7 @@ from lowrank_jax.vbmf.weaken import (DEFAULT_MIN_RANK_1X1,
 # rebound; _network_evbmf is the jitted function with its cache).
 from lowrank_jax.vbmf.linalg import (_eigvalsh, _LAPACK,
                                      _squared_singular_values)
-from lowrank_jax.vbmf.network import _network_evbmf
+from lowrank_jax.vbmf.batched import _network_evbmf
 from lowrank_jax.vbmf.solver import _evbmf_matrix
 
 __all__ = ['EVBMFResult', 'evbmf', 'vbmf_ranks', 'weakened_rank']
