@@ -154,6 +154,7 @@ _CPU_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
 def _jit_per_backend(fn, static_argnames):
+  """``jax.jit(fn)``, compiled with ``_CPU_OPTIONS`` for kernels on CPU."""
   compiled = {
       'cpu': jax.jit(fn, static_argnames=static_argnames,
                      compiler_options=_CPU_OPTIONS),
