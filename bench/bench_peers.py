@@ -187,7 +187,8 @@ def main(argv=None):
       err = {n: rel_error(kernel, r['approx']) for n, r in res.items()}
       med = {n: statistics.median(r['times']) for n, r in res.items()}
       verdicts.append((err['default'] <= err['tensorly'] + 1e-6,
-                       med['default'] <= med['tensorly']))
+                       med['default'] <= med['tensorly'],
+                       res['default']['first'] <= res['tensorly']['first']))
       for n, what in (('default', '`lj.tucker2_split` default (HOOI, tol '
                        '1e-5)'), ('hosvd', '`lj.tucker2_split` '
                                   '`hooi_iters=0` (HOSVD)'),
@@ -240,9 +241,12 @@ def main(argv=None):
       header, '|---|---|---|---:|---:|---:|---:|',
   ] + tucker_rows + [
       '',
-      f'Default error <= TensorLy\'s in {sum(e for e, _ in verdicts)} of '
-      f'{len(verdicts)} cases; default time <= TensorLy\'s in '
-      f'{sum(t for _, t in verdicts)} of {len(verdicts)}.',
+      f'Default error <= TensorLy\'s in {sum(v[0] for v in verdicts)} of '
+      f'{len(verdicts)} cases; default repeated-call time <= TensorLy\'s in '
+      f'{sum(v[1] for v in verdicts)} of {len(verdicts)}; first call '
+      f'(lowrank_jax\'s includes its compile where no earlier row had the '
+      f'same shape and ranks) <= TensorLy\'s in '
+      f'{sum(v[2] for v in verdicts)} of {len(verdicts)}.',
       '',
       '## CP',
       '',
