@@ -124,12 +124,12 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array,
 # The widest 1x1 stage (max of C_in, C_out) on NHWC activations that runs as
 # a 1x1 ``conv_general_dilated`` (what ``nn.Conv`` runs) instead of a
 # ``dot_general``. Inside a network XLA:CPU fuses the stages of a factored
-# layer with its neighbours; a ``dot_general`` enters that fusion through
-# (N*H*W, C) reshapes, which cost most where channels are few. Measured on
-# whole networks at batch 128 (bench/bench_pointwise.py,
-# docs/benchmarks_pointwise.md): conv for stages of <= 64 channels and
-# dot_general for wider ones is the fastest choice or close to it on the
-# small VGG, ResNet-20 and VGG-16; ResNet-18 prefers dot_general everywhere.
+# layer with their neighbours, and a ``dot_general`` enters that fusion
+# through (N*H*W, C) reshapes. With this rule a split network runs the same
+# ops as its factors hand-written with ``nn.Conv`` (a dot_general for every
+# stage measured 1.21-1.26x slower than that on the small VGG of
+# docs/benchmarks_own_model.md), and on whole networks at batch 128 it was
+# the fastest choice or within noise of it (docs/benchmarks_pointwise.md).
 # Timed alone, outside a network, a stage's dot_general is the faster op.
 POINTWISE_CONV_MAX_CHANNELS = 64
 
