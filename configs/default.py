@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.compress.min_rank_1x1 = 2  # Minimum rank of 1x1 convs.
   config.compress.min_rank_dense = 8  # Minimum rank of dense layers.
   config.compress.conv_form = 'tucker2'  # Form of split k x k convs: tucker2 or cp.
-  config.compress.hooi_iters = 0  # HOOI sweeps after HOSVD.
+  config.compress.hooi_iters = 0  # HOOI sweeps (0: HOSVD, as in docs/results.md).
   config.compress.round_to = 1  # Round target-rule ranks up to this multiple.
   config.compress.pretrained = ''  # Saved variables to start from ('' trains).
 
