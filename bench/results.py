@@ -67,6 +67,11 @@ SETTINGS = {
                  musco_stages=3, validation_size=5000,
                  checkpoint_every_steps=430,
                  extra=['--config.compress.exclude=conv1_1|head']),
+    'vgg8': dict(train_subset=None, num_epochs=20, target=4.0,
+                 targets=(2.0, 3.0, 4.0, 6.0, 8.0), finetune_epochs=3,
+                 musco_stages=3, validation_size=5000,
+                 checkpoint_every_steps=430,
+                 extra=['--config.compress.exclude=conv1_1|head']),
 }
 
 # Full schedules (a GPU): the configs' own epochs on all training images,

@@ -193,6 +193,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     # 14x14 and 7x7, where 32- and 64-channel 3x3 convs are worth splitting.
     'vgg7': functools.partial(SmallVGG, layers=(16, 'M', 32, 32, 'M',
                                                 64, 64, 64)),
+    # vgg7 with a second conv at 28x28: 109k params, 9.2M MACs.
+    'vgg8': functools.partial(SmallVGG, layers=(16, 16, 'M', 32, 32, 'M',
+                                                64, 64, 64)),
 }
 
 

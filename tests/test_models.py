@@ -16,6 +16,7 @@ COUNTS = {
     ('resnet18', 1): 11_172_810, ('resnet18', 3): 11_173_962,
     ('vgg16', 1): 15_248_202, ('vgg16', 3): 15_249_354,
     ('vgg7', 1): 107_322, ('vgg7', 3): 107_610,
+    ('vgg8', 1): 109_658, ('vgg8', 3): 109_946,
 }
 
 
@@ -48,19 +49,29 @@ def test_num_classes_and_unknown_name():
     get_model('resnet21')
 
 
-def test_vgg7_layers_and_init():
-  """The benchmark model: six 3x3 convs (one at 28x28), head; BatchNorm
-  starts as the identity and the initial outputs are finite and differ per
-  input."""
-  model = get_model('vgg7')
+
+_SMALL_VGG_KERNELS = {
+    'vgg7': {'conv1_1': (3, 3, 1, 16), 'conv2_1': (3, 3, 16, 32),
+             'conv2_2': (3, 3, 32, 32), 'conv3_1': (3, 3, 32, 64),
+             'conv3_2': (3, 3, 64, 64), 'conv3_3': (3, 3, 64, 64),
+             'head': (64, 10)},
+    'vgg8': {'conv1_1': (3, 3, 1, 16), 'conv1_2': (3, 3, 16, 16),
+             'conv2_1': (3, 3, 16, 32), 'conv2_2': (3, 3, 32, 32),
+             'conv3_1': (3, 3, 32, 64), 'conv3_2': (3, 3, 64, 64),
+             'conv3_3': (3, 3, 64, 64), 'head': (64, 10)},
+}
+
+
+@pytest.mark.parametrize('name', sorted(_SMALL_VGG_KERNELS))
+def test_small_vgg_layers_and_init(name):
+  """The benchmark models: their 3x3 convs and head by path; BatchNorm
+  starts as the identity; initial outputs are finite and differ per input;
+  train mode updates every BatchNorm's statistics."""
+  model = get_model(name)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 28, 28, 1))
   v = model.init(jax.random.PRNGKey(0), x)
   kernels = {p: l['kernel'].shape for p, l in find_layers(v).items()}
-  assert kernels == {
-      'conv1_1': (3, 3, 1, 16), 'conv2_1': (3, 3, 16, 32),
-      'conv2_2': (3, 3, 32, 32), 'conv3_1': (3, 3, 32, 64),
-      'conv3_2': (3, 3, 64, 64), 'conv3_3': (3, 3, 64, 64),
-      'head': (64, 10)}
+  assert kernels == _SMALL_VGG_KERNELS[name]
   assert all(jnp.all(v['params'][f'bn{p[4:]}']['scale'] == 1)
              for p in kernels if p.startswith('conv'))
   out = lj.apply(model, v, x, train=False)
