@@ -1,4 +1,4 @@
-"""The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style), vgg7.
+"""The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style), vgg7, vgg8.
 
 Plain linen: every conv and dense layer is an ``nn.Conv`` / ``nn.Dense``, so
 these are models like any user's, and a params tree rewritten by any
@@ -203,7 +203,8 @@ def get_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
   """Creates a model by name, or by a user's factory.
 
   Args:
-    name: one of ``MODELS`` (fc2, lenet5, resnet20, resnet18, vgg16, vgg7), or
+    name: one of ``MODELS`` (fc2, lenet5, resnet20, resnet18, vgg16, vgg7,
+      vgg8), or
       ``'package.module:factory'``: a callable returning a ``flax.linen``
       module whose ``__call__(x, train=...)`` returns logits, or an NNX
       module whose ``__call__(x)`` does (``train()`` / ``eval()`` switch
