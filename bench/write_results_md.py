@@ -142,12 +142,16 @@ def _frontier(rows):
           results_settings.SETTINGS.get(r['model'], {}).get('targets')]
   if not rows:
     return []
-  out = ['', '## The benchmark model\'s frontier (vgg7, CPU)', '',
-         'vgg7 (docs/benchmark_model.md) trained to convergence on all '
+  models = sorted({r['model'] for r in rows})
+  epochs = sorted({results_settings.SETTINGS[m]['finetune_epochs']
+                   for m in models})
+  out = ['', f'## The benchmark models\' frontier ({", ".join(models)}, '
+         'CPU)', '',
+         'Benchmark models (docs/benchmark_model.md) trained on all '
          'training images, then compressed by `direct` (from that baseline) '
          'and `he2024` (its own over-parameterized training) at each '
          'network-wide FLOPs target, fine-tuned '
-         f'{results_settings.SETTINGS["vgg7"]["finetune_epochs"]} epochs. '
+         f'{"/".join(map(str, epochs))} epochs. '
          'Mean ± half-range over seeds.', '',
          '| model | target | pipeline | seeds | trained | split → final | '
          'params | params · FLOPs ratio |', '|---|---|---|---|---|---|---|---|']
