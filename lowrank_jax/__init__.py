@@ -10,7 +10,8 @@ new module that runs as it is.
 
 from lowrank_jax import forms
 from lowrank_jax.adtn import (adtn_encode, adtn_param_count, adtn_unshare,
-                              ADTNLayerAction, decode_time, DecodeTime)
+                              ADTNLayerAction)
+from lowrank_jax.adtn_timing import decode_time, DecodeTime
 from lowrank_jax.counting import (count_flops, count_params, FlopsReport,
                                   LayerFlops)
 from lowrank_jax.deploy import export

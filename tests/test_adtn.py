@@ -10,6 +10,7 @@ import pytest
 
 import lowrank_jax as lj
 from lowrank_jax import adtn
+from lowrank_jax import adtn_timing
 from lowrank_jax import count_flops
 from lowrank_jax import count_params
 from lowrank_jax import forms
@@ -231,7 +232,7 @@ def test_model_apply_equals_decoded_dense_and_collapse():
   assert f_new.per_layer['conv2'].form == 'adtn'
   assert count_params(new) < count_params(variables)
   # decode time helper and decode cost.
-  timing = adtn.decode_time(new, repeats=2)
+  timing = adtn_timing.decode_time(new, repeats=2)
   assert set(timing.macs) == {'conv2', 'fc2'} and timing.seconds > 0
   v = new['params']['fc2']                # 120 x 84 -> Q = 14, M = 2
   assert timing.macs['fc2'] == (8 * (2 ** 13 - 1) + 13 * 4 * 2 ** 14
@@ -388,7 +389,7 @@ def test_shared_adtn_gradients_from_all_members_reach_the_gates():
   assert float(jnp.abs(jax.grad(fc1_only)(gates) - g_model).max()) > (
       1e-3 * float(jnp.abs(g_model).max()))
   # The decode cost is the group's, counted once.
-  timing = adtn.decode_time(new, repeats=1)
+  timing = adtn_timing.decode_time(new, repeats=1)
   assert set(timing.macs) == {'adtn_shared/g0'}
 
 
