@@ -212,12 +212,13 @@ def ranks_for_ratio(geometry: Mapping[str, LayerGeometry], *, metric: str,
 
   Raises:
     ValueError: the target cannot be reached even at the minimum ranks
-      (the message names ``compress.target_ratio`` and the minimum ranks).
+      (the message names the target, the minimum ranks by layer kind and the
+      reachable ratio).
   """
   if metric not in ('params', 'flops'):
     raise ValueError(f"metric must be 'params' or 'flops', got {metric!r}")
   if not target > 1:
-    raise ValueError(f'compress.target_ratio must be > 1, got {target}')
+    raise ValueError(f'the target ratio must be > 1, got {target}')
   paths = list(geometry) if paths is None else list(paths)
   floors = min_rank_floors(geometry, min_rank)
   out = _solve(geometry, paths, metric=metric, target=target, floors=floors,
@@ -228,7 +229,7 @@ def ranks_for_ratio(geometry: Mapping[str, LayerGeometry], *, metric: str,
       kind = geometry[p].kind
       by_kind[kind] = min(by_kind.get(kind, floors[p]), floors[p])
     raise ValueError(
-        f'compress.target_ratio={target} ({metric}) cannot be reached: at the '
+        f'target ratio {target} ({metric}) cannot be reached: at the '
         f'minimum ranks (by layer kind: {by_kind}) the network has '
         f'{out.cost:,} {metric} against a budget of {out.budget:,.0f}; the '
         f'reachable ratio is {out.total / out.cost:.2f}')

@@ -57,7 +57,7 @@ def test_rounding_and_unreachable_target(vgg):
   assert all(x % 16 == 0 or x == size for r, g in
              ((r, geometry[p]) for p, r in ranks.items())
              for x, size in zip(r, rank_rules.mode_sizes(g)))
-  with pytest.raises(ValueError, match=r'compress.target_ratio=1000.0 '
+  with pytest.raises(ValueError, match=r'target ratio 1000.0 '
                      r"\(flops\) cannot be reached: at the minimum ranks "
                      r"\(by layer kind: \{'kxk': 8, 'dense': 8\}\)"):
     rank_rules.ranks_for_ratio(geometry, metric='flops', target=1000.0)

@@ -166,7 +166,10 @@ def validate(config, *, model=None, input_shape=None) -> None:
           paths=paths, min_rank=min_rank_of(config, geometry),
           conv_form=c.conv_form)
     except ValueError as e:
-      raise ConfigError(str(e)) from e
+      fields = ', '.join(f'compress.min_rank_{k}={c[f"min_rank_{k}"]}'
+                         for k in ('kxk', '1x1', 'dense'))
+      raise ConfigError(f'compress.target_ratio={c.target_ratio}: {e} '
+                        f'(minimum ranks from {fields})') from e
   else:
     tree.normalize_rules(selection_rules(config))
 
