@@ -287,6 +287,7 @@ def main():
             'whole model params |',
             '|---|---|---|---|---|---|---|---|']
     sweep = adtn.pop('_fit_sweep', None)
+    others = adtn.pop('_other_fits', [])
     def label(m, r):   # rows without a fit_error predate the current fit
       return m if 'fit_error' in r else f'{m} (earlier code)'
     for m, r in adtn.items():
@@ -341,6 +342,17 @@ def main():
                  'kernel\'s error of 1, and what helps training is gates '
                  'that start close to identity (small noise), not the fit.'
                  if best is not tightest else 'It is also the closest fit.')]
+      for x in others:
+        row = adtn.get(x['key'], {})
+        out += ['', f'Also measured on {x["key"]} (the row\'s run with '
+                f'{x["fit_steps"]} fit steps, noise {x["noise"]:g}): '
+                f'{_pct([x["adtn_final_acc"]])}% after training against '
+                f'{_pct([row.get("adtn_final_acc")])}% in the row above, '
+                + ('so on this model the fc2 choice is not the best one; '
+                   'one seed each, so the gap may be within seed noise'
+                   if x['adtn_final_acc'] > row.get('adtn_final_acc', 1)
+                   else 'consistent with the fc2 choice')
+                + f': `{_portable(x["command"])}`.']
       out += ['', 'Commands: ' + '; '.join(
           f'`{_portable(x["command"])}`' for x in runs) + '.']
     if 'vgg16' in adtn:
