@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import bench_layers  # noqa: E402  (random factors of given shapes)
+import bench_pointwise  # noqa: E402  (the interleaved wall + CPU timer)
 import hostinfo  # noqa: E402
 import lowrank_jax as lj  # noqa: E402
 from lowrank_jax import counting  # noqa: E402
@@ -72,15 +73,10 @@ def time_networks(model, dense, split, x, rounds):
   fn = jax.jit(lambda v, x: lj.apply(model, v, x, train=False))
   for v in (dense, split):
     jax.block_until_ready(fn(v, x))
-  wall, cpu = [[], []], [[], []]
-  for r in range(rounds):
-    for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-      w0, c0 = time.perf_counter(), time.process_time()
-      jax.block_until_ready(fn((dense, split)[i], x))
-      wall[i].append(time.perf_counter() - w0)
-      cpu[i].append(time.process_time() - c0)
-  return [(float(np.median(wall[i])), float(np.median(cpu[i])))
-          for i in (0, 1)]
+  times = bench_pointwise.time_interleaved(
+      {'dense': fn, 'split': fn}, {'dense': (dense, x), 'split': (split, x)},
+      rounds)
+  return [times['dense'], times['split']]
 
 
 def bench_model(name, batch, rounds):

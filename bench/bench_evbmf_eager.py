@@ -45,17 +45,6 @@ import lowrank_jax as lj  # pylint: disable=g-import-not-at-top
 SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def interleaved(fns, repeats):
-  """Median seconds per call of each function, calls interleaved."""
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
-  return {name: float(np.median(v)) for name, v in times.items()}
-
-
 def _classic_or_error(rank, y):
   try:
     with warnings.catch_warnings():
@@ -81,7 +70,7 @@ def main(argv=None):
   first = lj.evbmf(y)
   first.rank.block_until_ready()
   first_s = time.perf_counter() - t0
-  med = interleaved({
+  med = bench_vbmf.interleaved({
       'ours': lambda: lj.evbmf(y).rank.block_until_ready(),
       'classic': lambda: classic.EVBMF(y),
       'reference': lambda: reference(y),
