@@ -787,6 +787,18 @@ def test_compilation_cache_is_opt_in_and_scoped(tmp_path):
   assert cached == vbmf.vbmf_ranks(params)
 
 
+def test_compilation_cache_rejects_a_path_that_is_no_directory(tmp_path):
+  """A cache path that cannot be a directory is named in the error, and
+  JAX's configuration is left as it was."""
+  params = _dense_tree([(37, 23)], seed=11)
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(ValueError, match="compilation_cache='.*file/cache'"):
+    vbmf.vbmf_ranks(params, compilation_cache=blocker / 'cache')
+  assert jax.config.jax_compilation_cache_dir is None
+  assert blocker.read_text() == 'not a directory'
+
+
 def test_eager_evbmf_compiles_once_per_shape():
   """Repeated eager calls (NumPy and jax input) reuse one program."""
   y = planted((24, 60), 4, seed=7).astype(np.float32)

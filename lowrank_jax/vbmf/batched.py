@@ -251,10 +251,18 @@ def _persistent_cache(directory):
   if directory is None:
     yield
     return
+  directory = os.fspath(directory)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'compilation_cache={directory!r} cannot be used as a '
+                     f'directory: {e}') from e
+  if not os.access(directory, os.W_OK):
+    raise ValueError(f'compilation_cache={directory!r} is not writable')
   names = ('jax_compilation_cache_dir',
            'jax_persistent_cache_min_compile_time_secs')
   before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], os.fspath(directory))
+  jax.config.update(names[0], directory)
   jax.config.update(names[1], 0.0)
   try:
     yield
