@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.he2024.penalty_weight = 1e-2  # Lambda of orthogonal_penalty.
   config.he2024.num_epochs = 0  # Epochs of orthogonal training (0: num_epochs).
   config.he2024.select = ''  # Layers to over-parameterize ('': every conv).
+  # A previous he2024 run's workdir/stages/collapse: start at its trained,
+  # collapsed network and only split and fine-tune ('' trains one). A
+  # frontier trains once and splits at each target.
+  config.he2024.trained = ''
 
   # MUSCO: multi-stage weakened-VBMF compression and fine-tuning.
   config.musco = ml_collections.ConfigDict()

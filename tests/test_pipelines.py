@@ -101,6 +101,25 @@ def test_he2024_trains_factors_with_the_penalty(tmp_path):
   # Collapsing is exact: same accuracy before and after.
   assert stages['collapse']['test']['accuracy'] == pytest.approx(
       stages['orthogonal_train']['test']['accuracy'], abs=1e-3)
+  # A frontier's other target: the trained, collapsed network is split
+  # again at a higher target without training it a second time.
+  again = _config('he2024', target_ratio=1.5)
+  again.he2024.trained = str(tmp_path / 'stages' / 'collapse')
+  other = pipelines.run_he2024(again, str(tmp_path / 'again'))
+  assert _stages(other) == ['collapse', 'compress', 'finetune']
+  assert other['stages'][0]['test_accuracy'] == pytest.approx(
+      stages['collapse']['test']['accuracy'], abs=1e-6)
+  assert other['flops_ratio'] >= 1.5 > summary['flops_ratio']
+
+
+def test_he2024_trained_must_be_saved_variables(tmp_path, monkeypatch):
+  config = _config('he2024')
+  config.he2024.trained = str(tmp_path / 'missing')
+  monkeypatch.setattr(loop, 'train', lambda *a, **k: pytest.fail(
+      'training started'))
+  with pytest.raises(errors.ConfigError, match=r"he2024\.trained='.*missing'"
+                     ": no saved variables"):
+    pipelines.run_he2024(config, str(tmp_path / 'run'))
 
 
 def _planted_lenet(path):

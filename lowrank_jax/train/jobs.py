@@ -126,6 +126,10 @@ def validate(config, *, model=None, input_shape=None) -> None:
   if config.pipeline == 'he2024' and config.he2024.penalty_weight < 0:
     errors.append(f'he2024.penalty_weight={config.he2024.penalty_weight} '
                   'must be >= 0')
+  trained = config.get('he2024', {}).get('trained')
+  if config.pipeline == 'he2024' and trained and not os.path.isdir(trained):
+    errors.append(f'he2024.trained={trained!r}: no saved variables there (a '
+                  "previous he2024 run's workdir/stages/collapse)")
   if c.get('pretrained') and not os.path.isdir(c.pretrained):
     errors.append(f'compress.pretrained={c.pretrained!r}: no saved variables '
                   'there (a directory written by checkpoint.save_variables '

@@ -197,7 +197,9 @@ def run_direct(config, workdir: str) -> dict:
 def run_he2024(config, workdir: str) -> dict:
   """Over-parameterize -> orthogonal training -> collapse -> ranks -> split
   -> fine-tune. Starts from compress.pretrained when given (the
-  over-parameterized training then continues from it), else from scratch."""
+  over-parameterized training then continues from it), else from scratch;
+  with he2024.trained (an earlier run's stages/collapse) it only splits
+  and fine-tunes that network."""
   job = jobs.Job(config, workdir, 'he2024')
   h = config.he2024
 
@@ -212,17 +214,21 @@ def run_he2024(config, workdir: str) -> dict:
         key=jax.random.PRNGKey(config.seed + 1))
     return out, {'expansion': h.expansion}
 
-  variables = job.stage('overparameterize', overparam)
-  train_config = copy.deepcopy(config)
-  if h.get('num_epochs'):
-    with train_config.unlocked():
-      train_config.num_epochs = h.num_epochs
-  variables = job.stage('orthogonal_train', lambda: job.train(
-      'orthogonal_train', train_config, variables,
-      penalty_fn=penalties.orthogonal_penalty,
-      penalty_weight=h.penalty_weight))
-  variables = job.stage('collapse', lambda: (transforms.collapse(variables),
-                                             {}))
+  if h.get('trained'):
+    variables = job.stage('collapse', lambda: (
+        checkpoint.load_variables(h.trained), {'source': h.trained}))
+  else:
+    variables = job.stage('overparameterize', overparam)
+    train_config = copy.deepcopy(config)
+    if h.get('num_epochs'):
+      with train_config.unlocked():
+        train_config.num_epochs = h.num_epochs
+    variables = job.stage('orthogonal_train', lambda: job.train(
+        'orthogonal_train', train_config, variables,
+        penalty_fn=penalties.orthogonal_penalty,
+        penalty_weight=h.penalty_weight))
+    variables = job.stage('collapse', lambda: (
+        transforms.collapse(variables), {}))
   variables = _compress_stage(job, 'compress', variables)
   job.stage('finetune', lambda: job.train('finetune', finetune_config(config),
                                           variables))
