@@ -28,6 +28,17 @@ device, so full-schedule rows sit beside the CPU ones. Every run keeps
 checkpoints and re-running the same command resumes an interrupted run
 (train.py resumes from its workdir); ``--skip-done`` skips rows already in
 docs/results.json. ``--dry-run`` prints the commands without running them.
+
+Each row keeps the dense baseline it is compared with (``baseline_acc``:
+the run's own baseline stage; for he2024 the same model and seed's direct
+baseline). ``--refresh`` re-summarizes the rows already in the results
+file from their workdirs' reports (fills fields added since), running
+nothing. ``--ablation`` runs the rank-selection ablation instead of the
+pipelines: per seed, from the direct baseline, EVBMF ranks
+(``direct_evbmf``) and then uniform-ratio ranks at the FLOPs ratio EVBMF
+reached (``direct_uniform@evbmf``)::
+
+  python bench/results.py --models vgg7b --ablation --seeds 0 1
 """
 
 from __future__ import annotations
@@ -43,7 +54,13 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from results_rows import ROOT
+from results_rows import dense_baseline_acc
+from results_rows import reached_ratio
+from results_rows import refresh
+from results_rows import row_name
+from results_rows import summarize
+
 RESULTS_JSON = os.path.join(ROOT, 'docs', 'results.json')
 
 # CPU-sized settings per model (2 cores): epochs and subsets chosen so the
@@ -105,9 +122,10 @@ PIPELINES = ('direct', 'he2024', 'musco')
 
 
 def command(model, pipeline, seed, workdir, s, pretrained=None,
-            target=None, trained=None):
+            target=None, trained=None, rank_rule='flops_ratio'):
   """The train.py command of one row; ``target`` overrides s['target'];
-  ``trained`` (he2024) is an earlier he2024 run's collapsed network."""
+  ``trained`` (he2024) is an earlier he2024 run's collapsed network;
+  ``rank_rule`` other than flops_ratio (direct) takes no target."""
   musco_epochs = s.get('musco_finetune_epochs', s['finetune_epochs'])
   args = [sys.executable, 'train.py', f'--config=configs/{model}.py',
           f'--workdir={workdir}', f'--config.pipeline={pipeline}',
@@ -123,29 +141,16 @@ def command(model, pipeline, seed, workdir, s, pretrained=None,
     args.append(f'--config.train_subset={s["train_subset"]}')
   if s.get('test_subset'):
     args.append(f'--config.test_subset={s["test_subset"]}')
-  if pipeline in ('direct', 'he2024'):
+  if pipeline in ('direct', 'he2024') and rank_rule == 'flops_ratio':
     args += ['--config.compress.rank_rule=flops_ratio',
              f'--config.compress.target_ratio={target or s["target"]}']
+  elif pipeline in ('direct', 'he2024'):
+    args.append(f'--config.compress.rank_rule={rank_rule}')
   if pretrained:
     args.append(f'--config.compress.pretrained={pretrained}')
   if trained:
     args.append(f'--config.he2024.trained={trained}')
   return args + s['extra']
-
-
-def row_name(model, pipeline, seed, s, target=None, device=''):
-  """``(key in results.json, workdir name)`` of one row.
-
-  The model's first target keeps the plain names (``vgg7/direct/0``,
-  ``vgg7_direct_s0``); other targets add ``@<t>x``; a device prefixes the
-  key (``H100:vgg16/direct/0``).
-  """
-  tag = ''
-  if pipeline in ('direct', 'he2024') and target and target != s['target']:
-    tag = f'@{target:g}x'
-  key = f'{model}/{pipeline}{tag}/{seed}'
-  name = f'{model}_{pipeline}{tag.replace("@", "_")}_s{seed}'
-  return (f'{device}:{key}' if device else key), name
 
 
 def plan(models, seeds, pipelines, targets, settings):
@@ -170,6 +175,82 @@ def plan(models, seeds, pipelines, targets, settings):
   return rows
 
 
+def baseline_path(root, model, seed, settings):
+  """The dense baseline of ``model`` and ``seed`` that other rows start
+  from: the first target's direct run's ``stages/baseline``."""
+  source = settings[model].get('pretrained_from', model)
+  name = row_name(source, 'direct', seed, settings[source])[1]
+  return os.path.join(root, name, 'stages', 'baseline')
+
+
+def planned_commands(rows, settings, root, device):
+  """Yields ``(key, workdir, args, meta, needs)`` for the rows of
+  :func:`plan`; ``meta`` goes into the row, ``needs`` lists the paths the
+  command reads (none: a missing baseline fails in train.py)."""
+  for model, pipeline, seed, target in rows:
+    s = settings[model]
+    key, name = row_name(model, pipeline, seed, s, target, device)
+    workdir = os.path.join(root, name)
+    first_direct = baseline_path(root, model, seed, settings)
+    source = s.get('pretrained_from', model)
+    baseline_planned = (source, 'direct', seed,
+                        settings[source].get('target')) in rows
+    pretrained = None
+    if pipeline in ('musco', 'adtn') or (
+        pipeline == 'direct' and target != s['target'] and (
+            baseline_planned or os.path.isdir(first_direct))):
+      pretrained = first_direct
+    # he2024 trains its over-parameterized network once per seed, at the
+    # model's own target; the other targets split that run's collapse.
+    first_he = os.path.join(root, row_name(model, 'he2024', seed, s)[1],
+                            'stages', 'collapse')
+    trained = None
+    if pipeline == 'he2024' and target and target != s['target'] and (
+        (model, 'he2024', seed, s['target']) in rows or
+        os.path.isdir(first_he)):
+      trained = first_he
+    meta = dict(model=model, pipeline=pipeline, seed=seed)
+    if pipeline in ('direct', 'he2024'):
+      meta['target'] = target or s['target']
+    yield key, workdir, command(model, pipeline, seed, workdir, s, pretrained,
+                                target, trained), meta, []
+
+
+def ablation_commands(models, seeds, settings, root, device):
+  """The rank-selection ablation: EVBMF ranks against uniform-ratio ranks
+  at the same FLOPs, per model and seed, both from the direct baseline and
+  fine-tuned alike. Yields as :func:`planned_commands`: (a) ``direct_evbmf``
+  (``rank_rule=vbmf``), then (b) ``direct_uniform@evbmf``
+  (``rank_rule=flops_ratio``: every layer keeps ceil(f * size) ranks per
+  mode, one f for the network) at the FLOPs ratio (a) reached. (b) is
+  built after (a) ran, from (a)'s report; before that (a dry run) its
+  target is a placeholder."""
+  for model in models:
+    s = settings[model]
+    for seed in seeds:
+      pretrained = baseline_path(root, model, seed, settings)
+      key, name = row_name(model, 'direct_evbmf', seed, s, device=device)
+      workdir = os.path.join(root, name)
+      yield key, workdir, command(
+          model, 'direct', seed, workdir, s, pretrained, rank_rule='vbmf'), \
+          dict(model=model, pipeline='direct_evbmf', seed=seed,
+               rank_rule='vbmf'), [pretrained]
+      ratio = reached_ratio(workdir)
+      key_b, name_b = row_name(model, 'direct_uniform@evbmf', seed, s,
+                               device=device)
+      if ratio is not None and ratio < 1.001:
+        print(f'# {key_b}: {key} reached {ratio:.3f}x fewer FLOPs, nothing '
+              'to match', flush=True)
+        continue
+      target = round(ratio, 4) if ratio else f'<FLOPs ratio of {key}>'
+      workdir_b = os.path.join(root, name_b)
+      yield key_b, workdir_b, command(
+          model, 'direct', seed, workdir_b, s, pretrained, target), \
+          dict(model=model, pipeline='direct_uniform', seed=seed,
+               rank_rule='flops_ratio', target=target, matches=key), \
+          [pretrained, os.path.join(workdir, 'report.json')]
+
+
 def run(args, log, timeout=None):
   """Runs one row's command, its output to ``log``; ``timeout`` (s) kills
   it (subprocess.TimeoutExpired; its workdir resumes on the next run)."""
@@ -183,31 +264,6 @@ def run(args, log, timeout=None):
                    check=True, timeout=timeout,
                    env={**os.environ, 'PYTHONUNBUFFERED': '1'})
   return shown, time.time() - t0
-
-
-def summarize(workdir):
-  with open(os.path.join(workdir, 'report.json')) as f:
-    report = json.load(f)
-  stages = report['stages']
-  base, last = stages[0], stages[-1]
-  # he2024's first stage is the over-parameterized init: use the collapsed
-  # trained network as its "before compression" point.
-  trained = next((s for s in stages if s['name'] in ('baseline', 'collapse')),
-                 base)
-  dense = next((s for s in stages if s['name'] in ('baseline', 'collapse')),
-               base)
-  compressed = [s for s in stages if s['name'].endswith('compress')]
-  return {
-      'trained_acc': trained['test']['accuracy'],
-      'after_compress_acc': compressed[-1]['test']['accuracy']
-                            if compressed else None,
-      'final_acc': last['test']['accuracy'],
-      'params_ratio': dense['params'] / last['params'],
-      'flops_ratio': dense['flops'] / last['flops'],
-      'params': last['params'], 'flops': last['flops'],
-      'wall_s': sum(s.get('wall_s', 0) for s in stages),
-      'stopped': report.get('stopped'),
-  }
 
 
 @contextlib.contextmanager
@@ -237,7 +293,7 @@ def detect_device() -> str:
   return out.stdout.strip().splitlines()[-1]
 
 
-def main(argv=None):
+def _parser():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', nargs='+', default=None,
                       help='default: every model of the schedule')
@@ -247,6 +303,13 @@ def main(argv=None):
   parser.add_argument('--targets', nargs='+', type=float, default=None,
                       help='FLOPs targets of direct and he2024 (default: '
                       "each model's target)")
+  parser.add_argument('--ablation', action='store_true',
+                      help='run the rank-selection ablation (EVBMF vs '
+                      'uniform-ratio ranks at the same FLOPs) instead of '
+                      'the pipelines')
+  parser.add_argument('--refresh', action='store_true',
+                      help='re-summarize the rows of the results file from '
+                      'their workdirs (fills new fields); runs nothing')
   parser.add_argument('--schedule', choices=('cpu', 'full'), default='cpu',
                       help='cpu: SETTINGS (2-core budgets); full: '
                       "FULL_SETTINGS (the configs' own schedules)")
@@ -265,7 +328,43 @@ def main(argv=None):
                       help='stop after this many seconds: the run in '
                       'progress is killed (it resumes on the next call) '
                       'and no further run starts')
+  return parser
+
+
+def _run_row(key, workdir, args_, meta, args, device, deadline):
+  """Runs one planned row and records it; False if it did not finish."""
+  timeout = None
+  if deadline is not None:
+    timeout = deadline - time.time()
+    if timeout < 30:
+      print(f'# {key}: not started, deadline reached', flush=True)
+      return False
+  try:
+    shown, wall = run(args_, workdir + '.log', timeout)
+  except subprocess.TimeoutExpired:
+    print(f'# {key}: stopped at the deadline; the same command resumes '
+          'it', flush=True)
+    return False
+  row = summarize(workdir)
+  row.update(command=shown, run_s=wall, baseline_acc=dense_baseline_acc(
+      workdir, meta['model'], meta['seed']), **meta)
+  if device:
+    row.update(device=device, schedule=args.schedule)
+  print(json.dumps(row), flush=True)
+  with _locked_results(args.results) as results:
+    results[key] = row
+  return True
+
+
+def main(argv=None):
+  parser = _parser()
   args = parser.parse_args(argv)
+  if args.refresh:
+    with _locked_results(args.results) as results:
+      read = refresh(results)
+    print(f'refreshed {len(read)} of {len(results)} rows from their reports '
+          f'({args.results})')
+    return
   settings = FULL_SETTINGS if args.schedule == 'full' else SETTINGS
   models = args.models or [m for m in settings
                            if not settings[m].get('targets')]
@@ -285,62 +384,23 @@ def main(argv=None):
     with open(args.results) as f:
       done = json.load(f)
   t_all = time.time()
-  rows = plan(models, args.seeds, args.pipelines, args.targets, settings)
-  for model, pipeline, seed, target in rows:
-    s = settings[model]
-    key, name = row_name(model, pipeline, seed, s, target, device)
-    workdir = os.path.join(root, name)
-    first_direct = os.path.join(
-        root, row_name(s.get('pretrained_from', model), 'direct', seed,
-                       settings[s.get('pretrained_from', model)])[1],
-        'stages', 'baseline')
-    source = s.get('pretrained_from', model)
-    baseline_planned = (source, 'direct', seed,
-                        settings[source].get('target')) in rows
-    pretrained = None
-    if pipeline in ('musco', 'adtn') or (
-        pipeline == 'direct' and target != s['target'] and (
-            baseline_planned or os.path.isdir(first_direct))):
-      pretrained = first_direct
-    # he2024 trains its over-parameterized network once per seed, at the
-    # model's own target; the other targets split that run's collapse.
-    first_he = os.path.join(root, row_name(model, 'he2024', seed, s)[1],
-                            'stages', 'collapse')
-    trained = None
-    if pipeline == 'he2024' and target and target != s['target'] and (
-        (model, 'he2024', seed, s['target']) in rows or
-        os.path.isdir(first_he)):
-      trained = first_he
-    args_ = command(model, pipeline, seed, workdir, s, pretrained, target,
-                    trained)
+  deadline = None if args.deadline_s is None else t_all + args.deadline_s
+  if args.ablation:
+    commands = ablation_commands(models, args.seeds, settings, root, device)
+  else:
+    rows = plan(models, args.seeds, args.pipelines, args.targets, settings)
+    commands = planned_commands(rows, settings, root, device)
+  for key, workdir, args_, meta, needs in commands:
     if key in done:
       print(f'# {key}: done, skipped', flush=True)
-      continue
-    if args.dry_run:
-      print(key, '$', ' '.join(shlex.quote(a) for a in ['python'] + args_[1:]))
-      continue
-    timeout = None
-    if args.deadline_s is not None:
-      timeout = t_all + args.deadline_s - time.time()
-      if timeout < 30:
-        print(f'# {key}: not started, deadline reached', flush=True)
-        continue
-    try:
-      shown, wall = run(args_, workdir + '.log', timeout)
-    except subprocess.TimeoutExpired:
-      print(f'# {key}: stopped at the deadline; the same command resumes '
-            'it', flush=True)
-      continue
-    row = summarize(workdir)
-    row.update(command=shown, model=model, pipeline=pipeline, seed=seed,
-               run_s=wall)
-    if pipeline in ('direct', 'he2024'):
-      row['target'] = target or s['target']
-    if device:
-      row.update(device=device, schedule=args.schedule)
-    print(json.dumps(row), flush=True)
-    with _locked_results(args.results) as results:
-      results[key] = row
+    elif args.dry_run:
+      print(key, '$', ' '.join(shlex.quote(str(a))
+                               for a in ['python'] + args_[1:]))
+    elif not all(os.path.exists(p) for p in needs):
+      print(f'# {key}: not started, needs '
+            f'{[p for p in needs if not os.path.exists(p)]}', flush=True)
+    else:
+      _run_row(key, workdir, args_, meta, args, device, deadline)
   print(f'total {time.time() - t_all:.0f} s')
 
 

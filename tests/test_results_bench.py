@@ -1,0 +1,206 @@
+"""bench/results.py rows and the frontier section of docs/results.md.
+
+Synthetic reports and rows only: nothing trains (the runner is replaced).
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'bench'))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import results
+import results_rows
+import write_frontier_md as frontier
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+ISSUE_FIELDS = ('model', 'pipeline', 'seed', 'baseline_acc', 'final_acc',
+                'flops_ratio', 'params_ratio', 'params', 'command')
+
+
+def write_report(workdir, stages):
+  """A report.json with ``stages``: [(name, test accuracy, params, flops)]."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'report.json'), 'w') as f:
+    json.dump({'stages': [{'name': n, 'test': {'accuracy': a}, 'params': p,
+                           'flops': fl, 'wall_s': 1.0}
+                          for n, a, p, fl in stages]}, f)
+
+
+def direct_report(workdir, baseline=0.93, final=0.925, flops=250):
+  write_report(workdir, [('baseline', baseline, 1000, 1000),
+                         ('compress', 0.5, 300, flops),
+                         ('finetune', final, 300, flops)])
+
+
+def he2024_report(workdir, collapse=0.935, final=0.928):
+  write_report(workdir, [('overparameterize', 0.1, 1200, 1000),
+                         ('orthogonal_train', collapse, 1200, 1000),
+                         ('collapse', collapse, 1000, 1000),
+                         ('compress', 0.6, 300, 250),
+                         ('finetune', final, 300, 250)])
+
+
+def fake_runner(calls, make_report):
+  """A stand-in for results.run: records the command and writes the
+  report that ``make_report(workdir)`` makes."""
+  def run(args, log, timeout=None):
+    del timeout
+    calls.append(args)
+    make_report(os.path.dirname(log) + os.sep + os.path.basename(log)[:-4])
+    return ' '.join(['python'] + args[1:]), 2.0
+  return run
+
+
+def test_rows_keep_the_issue_fields_and_he2024_the_direct_baseline(
+    tmp_path, monkeypatch):
+  def make(workdir):
+    (he2024_report if 'he2024' in workdir else direct_report)(workdir)
+  monkeypatch.setattr(results, 'run', fake_runner([], make))
+  out = tmp_path / 'results.json'
+  results.main(['--models', 'vgg7b', '--pipelines', 'direct', 'he2024',
+                '--seeds', '0', '--root', str(tmp_path), '--results',
+                str(out)])
+  rows = json.loads(out.read_text())
+  assert set(rows) == {'vgg7b/direct/0', 'vgg7b/he2024/0'}
+  for row in rows.values():
+    assert all(row.get(k) is not None for k in ISSUE_FIELDS), row
+  he = rows['vgg7b/he2024/0']
+  assert he['baseline_acc'] == 0.93          # the direct run's baseline
+  assert he['trained_acc'] == 0.935          # its own collapsed network
+  assert he['target'] == 4.0 and he['flops_ratio'] == 4.0
+
+
+def test_refresh_fills_baseline_acc_from_reports_and_rows(tmp_path):
+  direct_report(str(tmp_path / 'vgg7b_direct_s0'), baseline=0.931)
+  he2024_report(str(tmp_path / 'vgg7b_he2024_s0'))
+  def old_row(pipeline, workdir, trained):   # written before baseline_acc
+    return dict(model='vgg7b', pipeline=pipeline, seed=0, trained_acc=trained,
+                final_acc=0.9, flops_ratio=4.0, params_ratio=3.0, params=300,
+                run_s=1.0, command=f'python train.py --workdir={workdir}')
+  path = tmp_path / 'results.json'
+  path.write_text(json.dumps({
+      'vgg7b/direct/0': old_row('direct', tmp_path / 'vgg7b_direct_s0', 0.1),
+      'vgg7b/he2024/0': old_row('he2024', tmp_path / 'vgg7b_he2024_s0', 0.1),
+      # Workdirs gone: the numbers stay, baseline_acc comes from the rows.
+      'lenet5/musco/0': dict(old_row('musco', tmp_path / 'gone', 0.89),
+                             model='lenet5'),
+      'lenet5/he2024/0': dict(old_row('he2024', tmp_path / 'gone2', 0.90),
+                              model='lenet5')}))
+  results.main(['--refresh', '--results', str(path)])
+  rows = json.loads(path.read_text())
+  assert rows['vgg7b/direct/0']['baseline_acc'] == 0.931
+  assert rows['vgg7b/direct/0']['trained_acc'] == 0.931   # re-summarized
+  assert rows['vgg7b/he2024/0']['baseline_acc'] == 0.931
+  assert rows['vgg7b/he2024/0']['command'].startswith('python train.py')
+  assert rows['lenet5/musco/0']['baseline_acc'] == 0.89
+  assert rows['lenet5/he2024/0']['baseline_acc'] is None   # no direct row
+
+
+def test_ablation_uniform_run_takes_the_ratio_evbmf_reached(
+    tmp_path, monkeypatch, capsys):
+  os.makedirs(tmp_path / 'vgg7b_direct_s0' / 'stages' / 'baseline')
+  argv = ['--models', 'vgg7b', '--ablation', '--seeds', '0', '--root',
+          str(tmp_path), '--results', str(tmp_path / 'results.json')]
+  results.main(argv + ['--dry-run'])
+  assert ('target_ratio=<FLOPs ratio of vgg7b/direct_evbmf/0>'
+          in capsys.readouterr().out)
+  calls = []
+  monkeypatch.setattr(results, 'run', fake_runner(
+      calls, lambda w: direct_report(w, flops=300)))   # 1000 / 300 FLOPs
+  results.main(argv)
+  evbmf, uniform = calls
+  assert '--config.compress.rank_rule=vbmf' in evbmf
+  assert not any('target_ratio' in a for a in evbmf)
+  assert '--config.compress.rank_rule=flops_ratio' in uniform
+  assert '--config.compress.target_ratio=3.3333' in uniform
+  baseline = ('--config.compress.pretrained='
+              f'{tmp_path}/vgg7b_direct_s0/stages/baseline')
+  assert baseline in evbmf and baseline in uniform
+  rows = json.loads((tmp_path / 'results.json').read_text())
+  assert rows['vgg7b/direct_uniform@evbmf/0']['pipeline'] == 'direct_uniform'
+  assert rows['vgg7b/direct_evbmf/0']['baseline_acc'] == 0.93
+
+
+def row(pipeline, seed, final, *, target=None, ratio=None, base=0.932,
+        params=20_000):
+  return dict(model='vgg7b', pipeline=pipeline, seed=seed, target=target,
+              final_acc=final, baseline_acc=base, trained_acc=base,
+              after_compress_acc=0.5, flops_ratio=ratio or target or 5.0,
+              params_ratio=3.0, params=params, run_s=1.0, command='python')
+
+
+@pytest.mark.parametrize('finals,base,verdict', [
+    ((0.929, 0.930), 0.932, 'met'),       # 0.25 points below
+    ((0.920, 0.922), 0.932, 'not met'),   # 1.1 points below
+    ((0.925, 0.926), 0.928, 'not met'),   # close, but a baseline < 93%
+])
+def test_goal_half_point_met_or_not(finals, base, verdict):
+  rows = [row('direct', s, f, target=4.0, base=base)
+          for s, f in enumerate(finals)]
+  rows.append(row('direct', 0, 0.931, target=2.0, base=base))  # < 4x: no
+  text = frontier.goal_half_point(rows)[0]
+  assert f'on a ≥ 93% baseline: {verdict}.**' in text
+
+
+def test_goals_not_measured_without_rows():
+  assert 'not measured yet' in frontier.goal_half_point(
+      [row('direct', 0, 0.93, target=2.0)])[0]
+  assert 'not measured yet' in frontier.goal_small([])[0]
+  assert 'not measured yet' in frontier.he2024_vs_direct([])[0].lower()
+  assert 'not measured yet' in frontier.musco_vs_direct([])[0].lower()
+
+
+def test_goal_small_uses_the_mean_over_seeds():
+  rows = [row('direct', 0, 0.932, target=2.0),
+          row('direct', 1, 0.927, target=2.0),      # mean 92.95: not met
+          row('musco', 0, 0.95, params=150_000)]    # too large to count
+  assert 'test accuracy: not met.**' in frontier.goal_small(rows)[0]
+  rows[1]['final_acc'] = 0.931
+  assert 'test accuracy: met.**' in frontier.goal_small(rows)[0]
+
+
+def test_he2024_vs_direct_within_or_beyond_the_seeds_spread():
+  rows = [row('direct', 0, 0.920, target=4.0), row('direct', 1, 0.926,
+                                                   target=4.0),
+          row('he2024', 0, 0.922, target=4.0), row('he2024', 1, 0.926,
+                                                   target=4.0)]
+  assert "within the seeds' spread" in frontier.he2024_vs_direct(rows)[0]
+  for r in rows[2:]:
+    r['final_acc'] += 0.01
+  assert "he2024 ahead beyond the seeds' spread" in frontier.he2024_vs_direct(
+      rows)[0]
+  assert 'spread unknown' in frontier.he2024_vs_direct(rows[::2])[0]
+
+
+def test_musco_is_compared_with_direct_interpolated_at_its_ratio():
+  rows = [row('direct', 0, 0.92, target=2.0), row('direct', 0, 0.90,
+                                                  target=4.0),
+          row('musco', 0, 0.915, ratio=2 ** 1.5)]    # halfway in log ratio
+  acc, how = frontier.direct_at(rows[:2], 2 ** 1.5)
+  assert acc == pytest.approx(0.91) and 'interpolated' in how
+  assert '+0.50 points' in frontier.musco_vs_direct(rows)[0]
+  _, how = frontier.direct_at(rows[:2], 1.5)
+  assert 'nearest row, at 2.00×' in how
+
+
+def test_section_writes_the_frontier_png_and_tables(tmp_path):
+  rows = {f'k{i}': r for i, r in enumerate([
+      row('direct', 0, 0.925, target=4.0), row('he2024', 0, 0.927,
+                                               target=4.0),
+      row('musco', 0, 0.92, ratio=3.1), row('direct_evbmf', 0, 0.91,
+                                            ratio=1.7),
+      row('direct_uniform', 0, 0.905, ratio=1.7, target=1.7),
+      dict(row('direct', 0, 0.5, target=4.0), device='GPU')])}   # not CPU
+  lines = frontier.section(rows, results.SETTINGS, str(tmp_path))
+  text = '\n'.join(lines)
+  assert (tmp_path / 'frontier_vgg7b.png').stat().st_size > 1000
+  assert '| 4× | he2024 | 0 | 93.20 | 93.20 | 50.00 → **92.70** |' in text
+  assert '| its stages | musco |' in text
+  assert 'EVBMF − uniform at EVBMF\'s ratio: +0.50 points' in text
+  assert 'Fine-tuning after a split: 3 epochs at lr 0.01' in text
+  assert 'One seed so far' in text and 'he2024 at the 2× target' in text
+  assert results_rows.row_name('vgg7b', 'direct_uniform@evbmf', 0, {})[1] == (
+      'vgg7b_direct_uniform_evbmf_s0')
