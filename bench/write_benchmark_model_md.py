@@ -46,13 +46,18 @@ RUNS = [
      'python train.py --config=configs/vgg7.py --workdir=runs/bm/a16_e20 '
      '--config.progress=False --config.num_epochs=20 '
      '--config.model=bench.bench_candidates:vgg_a16'),
+    ('vgg7b (= a16), 20 epochs, frontier baseline seed 0', 'a16',
+     'runs/results/vgg7b_direct_s0', 'baseline', 20,
+     'python bench/results.py --models vgg7b --pipelines direct --targets 4 '
+     '--seeds 0'),
     ('vgg8, 20 epochs', 'vgg8', 'runs/results/vgg8_direct_s0', 'baseline', 20,
      'python bench/results.py --models vgg8 --pipelines direct --targets 4 '
      '--seeds 0'),
 ]
-MODEL_NAMES = {'b16': 'vgg7', 'vgg8': 'vgg8'}  # Registered in MODELS.
+MODEL_NAMES = {'a16': 'vgg7b', 'b16': 'vgg7', 'vgg8': 'vgg8'}  # In MODELS.
 DESCRIPTIONS = {
-    'a16': 'conv16 ×2 @28, conv32 ×2 @14, conv64 ×2 @7 (the reference)',
+    'a16': '`vgg7b`: conv16 ×2 @28, conv32 ×2 @14, conv64 ×2 @7 (the '
+           'reference)',
     'b16': '`vgg7`: conv16 @28, conv32 ×2 @14, conv64 ×3 @7',
     'vgg8': '`vgg8`: conv16 ×2 @28, conv32 ×2 @14, conv64 ×3 @7',
     'c16': 'conv16 @28, conv32 ×2 @14, conv64 ×2 @7',
@@ -233,8 +238,9 @@ def main():
       '## Trained runs', '',
       '| run | params | epochs reached / schedule | train accuracy (last '
       'log interval, augmented) | best validation | test | est. idle '
-      'minutes of the schedule | wall img/s while training (shared) |',
-      '|---|---:|---|---:|---:|---:|---:|---:|']
+      'minutes of the schedule | wall img/s while training (shared; '
+      'median) | schedule minutes at that median rate |',
+      '|---|---:|---|---:|---:|---:|---:|---:|---:|']
   for label, name, s in runs:
     lo, hi = idle_minutes(name, s['epochs'])
     lines.append(
@@ -242,7 +248,9 @@ def main():
         f'{s["epoch"]:.1f} / {s["epochs"]} | {_pct(s["train_last"])} | '
         f'{_pct(s["val_best"])} | '
         f'{_pct(s["test"])} | {lo:.0f}–{hi:.0f} | '
-        f'{s["img_s"] or 0:.0f} |')
+        f'{s["img_s"] or 0:.0f} | ' + (
+            f'{s["epochs"] * TRAIN_IMAGES / s["img_s"] / 60:.0f} |'
+            if s['img_s'] else '– |'))
   finished = [(label, name, s) for label, name, s in runs
               if s['test'] is not None]
   gaps = [100 * (s['train_last'] - s['test']) for _, _, s in finished]
