@@ -1,5 +1,6 @@
 """Nothing silently wrong: divergence, config typos (real Fashion-MNIST)."""
 
+import importlib
 import os
 import sys
 
@@ -14,6 +15,7 @@ from configs import smoke  # pylint: disable=g-import-not-at-top
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import config_check
 from lowrank_jax.train import errors
+from lowrank_jax.train import jobs
 from lowrank_jax.train import loop
 
 
@@ -59,6 +61,17 @@ def test_config_typo_is_an_error_naming_the_closest_field():
   assert "config.learnin_rate" in message and 'learning_rate' in message
   assert 'config.finetune.num_epoch' in message and 'num_epochs' in message
   config_check.check_known_fields(smoke.get_config(), default.get_config())
+
+
+@pytest.mark.parametrize('name', sorted(
+    f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), '..',
+                                            'configs'))
+    if f.endswith('.py') and f != '__init__.py'))
+def test_every_shipped_config_is_valid(name):
+  """configs/*.py: only known fields, values that pass validation."""
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config_check.check_known_fields(config, default.get_config())
+  jobs.validate(config)
 
 
 _EIGHT = """

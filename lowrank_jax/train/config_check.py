@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import socket
@@ -202,12 +203,23 @@ def check_known_fields(config: ml_collections.ConfigDict,
   5.0`` in a config file is silently a new field; this names each such field
   with the closest valid name, before anything runs or is written.
 
+  ``config.finetune`` may also hold any top-level training field
+  (``optimizer``, ``grad_clip``, ...): a fine-tuning stage's fields override
+  the training ones (``pipelines.finetune_config``).
+
   Args:
     config: the config to check.
     reference: a config with every valid field (``configs/default.py``).
     prefix: the name of ``config`` in messages.
   """
   errors = []
+  if 'finetune' in reference:
+    reference = copy.deepcopy(reference)
+    with reference.unlocked():
+      for name, value in reference.items():
+        if (not isinstance(value, ml_collections.ConfigDict) and
+            name not in reference.finetune):
+          reference.finetune[name] = value
   _unknown_fields(config, reference, prefix, errors)
   if errors:
     raise ConfigError('; '.join(errors))
