@@ -212,9 +212,12 @@ def main():
     out += ['', f'Not run yet: {", ".join(missing)} (`python bench/results.py '
             f'--models {" ".join(missing)}`); the session that wrote this page '
             'ran out of time for them.']
-  out += ['', '### Runs', '']
+  out += ['', '### Runs', '',
+          'Each with the wall time of its stages (report.json; a resumed '
+          'run counts each stage once) and its command.', '']
   for key, r in all_rows.items():
-    out.append(f'* `{key}` ({r["run_s"]:.0f} s): `{_portable(r["command"])}`')
+    secs = r.get('wall_s', r['run_s'])
+    out.append(f'* `{key}` ({secs:.0f} s): `{_portable(r["command"])}`')
   if adtn:
     out += ['', '## ADTN (Qing et al. 2023) vs SVD at the same budget', '',
             'The selected dense layers are encoded as deep tensor networks '
