@@ -266,12 +266,19 @@ def main():
   if good:
     label, name, s = good[0]
     lo, hi = idle_minutes(name, s['epochs'])
+    # The fastest measured median rate of this network on this schedule.
+    rate = max((r['img_s'] for _, n, r in runs if n == name and r['img_s']
+                and r['epochs'] == s['epochs']), default=None)
+    measured = ('' if rate is None else
+                f'; measured: {s["epochs"] * TRAIN_IMAGES / rate / 60:.0f} '
+                f'minutes at the median {rate:.0f} img/s of its fastest run, '
+                'which shared the machine with little else — the estimates, '
+                "scaled from the brief's 470 img/s reference, are too slow")
     lines.append(
         f'**{label}**: {_pct(s["test"])} test accuracy, the fastest run '
-        f'that reaches 93% (est. {lo:.0f}–{hi:.0f} idle minutes'
-        + ('' if lo <= 20 else '; 20 minutes are not enough for 93% '
-           'with these models: every shorter run above stays below it')
-        + f'). Model `{MODEL_NAMES.get(name, name)}`.')
+        f'that reaches 93% (est. {lo:.0f}–{hi:.0f} idle minutes{measured}'
+        f'). Model `{MODEL_NAMES.get(name, name)}`, '
+        f'`configs/{MODEL_NAMES.get(name, name)}.py`.')
   else:
     lines.append(
         'No run has reached 93% test accuracy yet. Finished: ' +
