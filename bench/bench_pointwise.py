@@ -44,6 +44,7 @@ import bench_own_model  # noqa: E402
 import hostinfo  # noqa: E402
 import lowrank_jax as lj  # noqa: E402
 from lowrank_jax import models  # noqa: E402
+from lowrank_jax import speed  # noqa: E402
 from lowrank_jax.forms import base  # noqa: E402
 
 DOC = os.path.join(os.path.dirname(__file__), '..', 'docs',
@@ -83,21 +84,9 @@ def compiled(apply, variables, x, threshold):
     base.POINTWISE_CONV_MAX_CHANNELS = saved
 
 
-def time_interleaved(fns, args, rounds, seed=0):
-  """{label: (wall seconds per call, CPU seconds per call)} (medians)."""
-  rng = np.random.default_rng(seed)
-  wall = {k: [] for k in fns}
-  cpu = {k: [] for k in fns}
-  labels = list(fns)
-  for _ in range(rounds):
-    for i in rng.permutation(len(labels)):
-      k = labels[i]
-      w0, c0 = time.perf_counter(), time.process_time()
-      jax.block_until_ready(fns[k](*args[k]))
-      wall[k].append(time.perf_counter() - w0)
-      cpu[k].append(time.process_time() - c0)
-  return {k: (float(np.median(wall[k])), float(np.median(cpu[k])))
-          for k in labels}
+# {label: (wall s, CPU s) per call}, medians of calls in a new random order
+# each round: the library's timer of whole networks.
+time_interleaved = speed.time_interleaved
 
 
 def bench_model(name, batch, rounds):

@@ -2,10 +2,11 @@
 
 Pure transforms of Flax parameter trees and NNX modules
 (``overparameterize``, ``vbmf_ranks``, ``tucker2_split``, ``svd_split``,
-``cp_split``, ``collapse``), the orthogonality penalty and counting. Any
-linen model whose layers are ``nn.Conv`` / ``nn.Dense`` runs a transformed
-tree through ``lj.apply(model, variables, x)``; a transformed NNX module is a
-new module that runs as it is.
+``cp_split``, ``collapse``, ``fold_cores``), the orthogonality penalty,
+counting and timing (``never_slower``, ``fastest_network``). Any linen
+model whose layers are ``nn.Conv`` / ``nn.Dense`` runs a transformed tree
+through ``lj.apply(model, variables, x)``; a transformed NNX module is a new
+module that runs as it is.
 """
 
 from lowrank_jax import forms
@@ -19,10 +20,11 @@ from lowrank_jax.models import get_model, MODELS
 from lowrank_jax.nnx_surgery import FormLayer
 from lowrank_jax.penalties import orthogonal_penalty
 from lowrank_jax.runner import apply, bind_apply, LayerCall
-from lowrank_jax.speed import (LayerTiming, never_slower, NeverSlowerReport,
-                               round_ranks, time_layers)
+from lowrank_jax.speed import (fastest_network, LayerTiming, NetworkChoice,
+                               NetworkTiming, never_slower, NeverSlowerReport,
+                               round_ranks, time_layers, time_networks)
 from lowrank_jax.transforms import (collapse, cp_split, decompose,
-                                    layer_forms, LayerAction,
+                                    fold_cores, layer_forms, LayerAction,
                                     overparameterize, svd_split,
                                     tucker2_split)
 from lowrank_jax.tree import find_layers, select_paths
@@ -34,7 +36,8 @@ __all__ = [
     # running any model in any form
     'apply', 'bind_apply', 'FormLayer', 'LayerCall',
     # transforms
-    'collapse', 'cp_split', 'decompose', 'overparameterize', 'svd_split',
+    'collapse', 'cp_split', 'decompose', 'fold_cores', 'overparameterize',
+    'svd_split',
     'tucker2_split', 'adtn_encode', 'adtn_unshare', 'LayerAction',
     'ADTNLayerAction',
     # ranks
@@ -45,6 +48,7 @@ __all__ = [
     'orthogonal_penalty', 'count_flops', 'count_params', 'FlopsReport',
     'LayerFlops', 'adtn_param_count', 'decode_time', 'DecodeTime',
     'time_layers', 'LayerTiming', 'never_slower', 'NeverSlowerReport',
+    'time_networks', 'NetworkTiming', 'fastest_network', 'NetworkChoice',
     # deployment
     'export',
     # the built-in models

@@ -36,7 +36,7 @@ Ranks = Union[int, tuple[int, ...], Mapping[str, Any],
 class LayerAction(NamedTuple):
   """What a transform did to one selected layer."""
   path: str
-  action: str              # 'split', 'merged', 'skipped'
+  action: str              # 'split', 'merged', 'folded', 'skipped'
   form_before: str
   form_after: str
   ranks: tuple[int, ...]   # ranks after (empty for dense)
@@ -79,7 +79,7 @@ def _check_ranks(path, ranks, bounds, names):
   return ranks
 
 
-def _apply(params, ranks, *, select, eligible, build, report):
+def _apply(params, ranks, *, select, eligible, build, report, done=None):
   params, rebuild = tree.split_variables(params)
   all_layers = tree.layers(params)
   if isinstance(ranks, Mapping):
@@ -116,8 +116,9 @@ def _apply(params, ranks, *, select, eligible, build, report):
       out['bias'] = variables['bias']
     after = forms.identify(out)
     new[path] = out
-    actions.append(LayerAction(path, 'split' if after != 'dense' else 'merged',
-                               before, after, forms.get(after).ranks(out)))
+    actions.append(LayerAction(
+        path, done or ('split' if after != 'dense' else 'merged'), before,
+        after, forms.get(after).ranks(out)))
   result = rebuild(tree.replace_layers(params, new))
   return (result, actions) if report else result
 
@@ -288,6 +289,56 @@ def collapse(params, *, select=None, report: bool = False):
 
   return _apply(params, None, select=select, eligible=eligible, build=build,
                 report=report)
+
+
+# XLA:CPU (jax 0.10.2) hands a 3x3 conv to its YNNPACK fusions when either
+# side has more than this many channels: 17 -> 17 went in, 16 -> 16 did not
+# (bench/bench_efficiency_where.py). A Tucker-2 core this small is left to
+# XLA's own conv emitter and cuts the network's YNN fusion in pieces.
+FOLD_MAX_CHANNELS = 16
+
+
+def fold_cores(variables, *, max_channels: int = FOLD_MAX_CHANNELS,
+               select=None, report: bool = False):
+  """Folds small Tucker-2 cores into their input factor (exactly).
+
+  A Tucker-2 layer whose core has at most ``max_channels`` channels on its
+  wider side becomes the two-stage SVD form of a k x k conv: ``u = u_in .
+  core`` (kh, kw, C_in, R_out), a k x k conv with the layer's strides,
+  padding and dilation, then ``v = u_out`` (R_out, C_out), a 1x1. The
+  network computes the same function with more parameters and multiply-adds
+  (``count_params`` / ``count_flops`` show them), but on XLA:CPU the k x k
+  conv joins YNNPACK's fusions: vgg16 with quarter-rank splits ran 1.29x
+  faster, resnet18 7% slower (docs/benchmarks_efficiency.md), so whether it
+  pays is a property of the network: :func:`lowrank_jax.fastest_network`
+  measures it.
+
+  Args:
+    variables: variables dict, params tree or ``nnx.Module`` (not modified).
+    max_channels: fold cores with ``max(R_in, R_out) <= max_channels``.
+    select: layer rules (default: every layer; those that are not Tucker-2
+      or whose core is wider are skipped, with the reason in the report).
+    report: also return a list of :class:`LayerAction`.
+
+  Returns:
+    The new tree or module (and the report).
+  """
+  tucker2 = forms.get('tucker2')
+
+  def eligible(path, v):
+    if forms.identify(v) != 'tucker2':
+      return f'in form {forms.identify(v)!r}, not Tucker-2'
+    if max(tucker2.ranks(v)) > max_channels:
+      return (f'core {tucker2.ranks(v)} is wider than max_channels='
+              f'{max_channels}')
+    return ''
+
+  def build(path, v):
+    return {'u': tucker2.fold_in_kernel(v, jax.lax.Precision.HIGHEST),
+            'v': v['u_out']}
+
+  return _apply(variables, None, select=select, eligible=eligible,
+                build=build, report=report, done='folded')
 
 
 def decompose(variables, ranks: Mapping[str, Any], *,

@@ -304,3 +304,58 @@ def test_time_layers_times_every_split_layer(split_net):
   for path, t in timings.items():
     assert t.flop_ratio == pytest.approx(
         dense_flops.per_layer[path].macs / split_flops.per_layer[path].macs)
+
+
+# ------------------------------------------------------ whole networks ---
+
+
+def _fake_network_timer(cpu):
+  """A time_networks that reports the given CPU seconds, wall twice that."""
+  def timer(candidates, input_shape, *, model, rounds, dtype, seed,
+            **apply_kwargs):
+    del input_shape, model, rounds, dtype, seed, apply_kwargs
+    return {k: speed.NetworkTiming(2 * cpu[k], cpu[k]) for k in candidates}
+  return timer
+
+
+def test_fastest_network_keeps_the_first_unless_another_beats_the_margin():
+  candidates = {'split': object(), 'folded': object(), 'dense': object()}
+  timer = _fake_network_timer({'split': 1.0, 'folded': 0.8, 'dense': 2.0})
+  best, choice = speed.fastest_network(candidates, (1, 4), timer=timer,
+                                       clock='cpu')
+  assert best is candidates['folded'] and choice.chosen == 'folded'
+  assert choice.clock == 'cpu' and set(choice.timings) == set(candidates)
+  best, choice = speed.fastest_network(candidates, (1, 4), timer=timer,
+                                       margin=1.3)
+  assert best is candidates['split'] and choice.chosen == 'split'
+  with pytest.raises(ValueError, match='clock'):
+    speed.fastest_network(candidates, (1, 4), timer=timer, clock='gpu')
+
+
+def _check_choice(candidates, best, choice):
+  assert best is candidates[choice.chosen]
+  assert list(choice.timings) == list(candidates)
+  for t in choice.timings.values():
+    assert isinstance(t, speed.NetworkTiming) and t.wall_s > 0 and t.cpu_s > 0
+
+
+def test_fastest_network_times_linen_trees(split_net):
+  model, variables, x = split_net
+  candidates = {'split': variables, 'folded': lj.fold_cores(variables)}
+  assert lj.layer_forms(candidates['folded'])['conv1'] == 'svd'
+  best, choice = speed.fastest_network(candidates, x.shape, model=model,
+                                       rounds=2, clock='cpu', train=False)
+  _check_choice(candidates, best, choice)
+  with pytest.raises(TypeError, match='model='):
+    speed.fastest_network(candidates, x.shape, rounds=1)
+
+
+def test_fastest_network_times_nnx_modules():
+  import own_models  # pylint: disable=g-import-not-at-top
+  module = own_models.nnx_cnn()
+  module.eval()
+  split = lj.tucker2_split(module, (4, 8), select='conv2')
+  candidates = {'split': split, 'folded': lj.fold_cores(split)}
+  best, choice = lj.fastest_network(candidates, (2, 28, 28, 1), rounds=1)
+  _check_choice(candidates, best, choice)
+  assert choice.clock == 'wall'

@@ -242,3 +242,75 @@ def test_cp_flops_match_xla_and_decompose_dispatches_cp():
       jnp.zeros(shape)).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   assert 0.95 < cost['flops'] / (2 * report.total) < 1.1
+
+
+def _fold_ranks(path, variables):
+  """Cores of 16 channels on the wider side where C_in is 16, else 17."""
+  c_in = variables['kernel'].shape[2]
+  return (4, 16) if c_in == 16 else (8, 17)
+
+
+@pytest.mark.parametrize('max_channels', [16, 17])
+def test_fold_cores_keeps_outputs_and_counts_the_folded_layers(
+    max_channels, real_images):
+  x = jnp.asarray(real_images[:4])
+  model, v = _perturbed_variables('resnet20', x)
+  split = lj.tucker2_split(v, _fold_ranks, select=[('conv1', False), '.*'])
+  before = jax.tree_util.tree_map(np.asarray, split)
+  folded, actions = lj.fold_cores(split, max_channels=max_channels,
+                                  report=True)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before, split)
+  y = lj.apply(model, split, x, train=False)
+  np.testing.assert_allclose(lj.apply(model, folded, x, train=False), y,
+                             atol=1e-4 * float(jnp.max(jnp.abs(y))))
+  shape = (4,) + x.shape[1:]
+  flops = lj.count_flops(model, split, shape, train=False).per_layer
+  flops_after = lj.count_flops(model, folded, shape, train=False).per_layer
+  params, params_after = split['params'], folded['params']
+  expected = lj.count_params(split)
+  done = {a.path: a for a in actions if a.action == 'folded'}
+  for path, form in lj.layer_forms(split).items():
+    layer = tree.get_layer(params, path)
+    if form != 'tucker2' or max(forms.tucker2.ranks(layer)) > max_channels:
+      assert path not in done
+      assert lj.layer_forms(folded)[path] == form
+      continue
+    (r_in, r_out), after = forms.tucker2.ranks(layer), done[path]
+    assert (after.form_before, after.form_after, after.ranks) == (
+        'tucker2', 'svd', (r_out,))
+    kh, kw, c_in, c_out = tree.kernel_shape(layer)
+    assert tree.get_layer(params_after, path)['u'].shape == (kh, kw, c_in,
+                                                              r_out)
+    grown = kh * kw * c_in * r_out - c_in * r_in - kh * kw * r_in * r_out
+    expected += grown
+    out = flops[path].out_shape
+    assert flops_after[path].macs == math.prod(out[:-1]) * (
+        kh * kw * c_in * r_out + r_out * c_out)
+  assert len(done) == (7 if max_channels == 16 else 18)
+  assert lj.count_params(folded) == expected
+  skipped = [a.reason for a in actions if a.action == 'skipped']
+  assert any('not Tucker-2' in r for r in skipped)
+  assert any('wider than max_channels' in r for r in skipped) == (
+      max_channels == 16)
+
+
+def test_fold_cores_on_nnx_returns_a_new_module_with_equal_outputs(
+    real_images):
+  import own_models  # pylint: disable=g-import-not-at-top
+  module = own_models.nnx_cnn()
+  module.eval()
+  split = lj.tucker2_split(module, (4, 8), select='conv2')
+  folded = lj.fold_cores(split)
+  assert folded is not split
+  assert lj.layer_forms(split)['conv2'] == 'tucker2'
+  assert lj.layer_forms(folded) == {'conv1': 'dense', 'conv2': 'svd',
+                                    'mix': 'dense', 'head': 'dense'}
+  folded.eval()
+  y = split(real_images)
+  np.testing.assert_allclose(folded(real_images), y,
+                             atol=1e-5 * float(jnp.max(jnp.abs(y))))
+  # conv2: 3x3, 16 -> 32, stride 2; the core (4, 8) becomes (3, 3, 16, 8).
+  assert lj.count_params(folded) - lj.count_params(split) == (
+      9 * 16 * 8 - 16 * 4 - 9 * 4 * 8)
+  assert lj.count_flops(folded, (1, 28, 28, 1)).per_layer['conv2'].macs == (
+      7 * 7 * (9 * 16 * 8 + 8 * 32))

@@ -50,7 +50,7 @@ def forward_order(v, x, spec: base.LayerSpec, order: str = 'factored'):
     y = base.conv(y, v['core'], spec, groups=1)
     return base.channel_matmul(y, v['u_out'])
   if order == 'fold_in':
-    kernel = jnp.einsum('ir,hwrs->hwis', v['u_in'], v['core'])
+    kernel = fold_in_kernel(v)
     return base.channel_matmul(base.conv(x, kernel, spec, groups=1),
                                v['u_out'])
   if order == 'fold_out':
@@ -60,6 +60,13 @@ def forward_order(v, x, spec: base.LayerSpec, order: str = 'factored'):
   if order == 'merged':
     return base.conv(x, to_kernel(v), spec, groups=1)
   raise ValueError(f'unknown order {order!r}; known: {ORDERS}')
+
+
+def fold_in_kernel(v, precision=None):
+  """``u_in`` folded into the core: the (kh, kw, C_in, R_out) kernel of the
+  k x k stage of the ``fold_in`` order (then the 1x1 ``u_out``)."""
+  return jnp.einsum('ir,hwrs->hwis', v['u_in'], v['core'],
+                    precision=precision)
 
 
 def order_costs(v, in_shape, spec: base.LayerSpec) -> dict[str, int]:
