@@ -24,6 +24,7 @@ from lowrank_jax import vbmf
 from lowrank_jax.forms import svd as svd_form
 from lowrank_jax.forms import tucker2
 from lowrank_jax.vbmf import batched
+from lowrank_jax.vbmf import network
 from lowrank_jax.vbmf import solver
 from lowrank_jax.models import get_model
 
@@ -624,10 +625,10 @@ def test_vbmf_ranks_reports_sigma2_beyond_float32(resnet20, scale):
                              base['head']['threshold'][0], rtol=1e-4)
 
 
-def test_vbmf_ranks_is_one_compiled_call(resnet20):
-  """First call: one trace, one XLA compilation; repeat calls: none. A
-  network with a matrix that 'auto' must redo with the SVD compiles one more
-  program, once."""
+def test_vbmf_ranks_compiles_two_programs_once(resnet20):
+  """First call: one trace and one XLA compilation each of the spectra
+  program and the solve; repeat calls: none. A network with a matrix that
+  'auto' must redo with the SVD compiles the pair once more, once."""
   compiles = []
 
   def listener(event, duration, **kwargs):
@@ -635,8 +636,10 @@ def test_vbmf_ranks_is_one_compiled_call(resnet20):
     if event == '/jax/core/compile/backend_compile_duration':
       compiles.append(event)
 
-  def traces():   # programs of the network function traced so far
-    return vbmf._network_evbmf._cache_size()  # pylint: disable=protected-access
+  def traces():   # (spectra, solve) programs traced so far
+    # pylint: disable=protected-access
+    return (sum(f._cache_size() for f in vbmf._network_spectra.values()),
+            vbmf._network_solve._cache_size())
 
   params, _ = tree.split_variables(resnet20)
   stage2 = {p: v for p, v in tree.layers(params).items()
@@ -646,18 +649,18 @@ def test_vbmf_ranks_is_one_compiled_call(resnet20):
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     plain = vbmf.vbmf_ranks(resnet20, select=r'stage1.*')  # random init
-    assert (traces(), len(compiles)) == (1, 1)
+    assert (traces(), len(compiles)) == ((1, 1), 2)
     assert vbmf.vbmf_ranks(resnet20, select=r'stage1.*') == plain
-    assert (traces(), len(compiles)) == (1, 1)
+    assert (traces(), len(compiles)) == ((1, 1), 2)
     # stage2_block0/conv2's planted spectrum (noise 1e-3) spans more than
-    # float32 Gram products resolve: the network's program plus the SVD
-    # redo of that layer.
+    # float32 Gram products resolve: the network's pair of programs plus the
+    # pair of the SVD redo of that layer.
     first = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
-    assert (traces(), len(compiles)) == (3, 3)
+    assert (traces(), len(compiles)) == ((3, 3), 6)
     second = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
     # Same shapes under other paths (and a bare params tree): cached too.
     third = vbmf.vbmf_ranks(renamed)
-    assert (traces(), len(compiles)) == (3, 3)
+    assert (traces(), len(compiles)) == ((3, 3), 6)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert first == second
@@ -733,6 +736,29 @@ def test_bucketed_network_equals_unbucketed_evbmf(method):
     np.testing.assert_allclose(d['threshold'][0], alone.threshold, rtol=1e-5)
     np.testing.assert_allclose(d['singular_values'][0], gamma, rtol=1e-5,
                                atol=1e-6 * float(gamma[0]))
+
+
+@pytest.mark.parametrize('backend', [None, 'cpu'])  # both compiled variants
+@pytest.mark.parametrize('method', ['auto', 'svd'])
+@pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
+def test_network_programs_flag_a_non_finite_matrix(backend, method, value):
+  """Behind vbmf_ranks' host check, the programs themselves give a matrix
+  with one NaN / Inf entry rank -1 (XLA:CPU's max reduction skips NaN, so
+  the flag rests on the Gram matrix / sum of squares), and its neighbours
+  in the batch their planted rank."""
+  all_layers, plan = network._plan(
+      _dense_tree([(20, 90), (40, 300), (45, 300)]), None)
+  kernel = np.array(all_layers['d1']['kernel'])
+  kernel[3, 7] = value
+  all_layers['d1'] = {'kernel': jnp.asarray(kernel)}
+  sources, kinds, groups = batched._program_inputs(plan, all_layers)
+  spectra = batched._network_spectra[backend](sources, kinds, groups, method)
+  rank, _, _, gamma, e, _ = batched._network_solve(spectra, method)['float32']
+  order = [i for _, members in groups for i, _ in members]
+  assert [int(r) for r in rank] == [-1 if plan[i].path == 'd1' else 5
+                                    for i in order]
+  assert np.isnan(np.asarray(gamma)[order.index(1)]).all()
+  assert int(e[order.index(1)]) == 0
 
 
 def test_bucketed_spectra_equal_unpadded_eigenvalues():

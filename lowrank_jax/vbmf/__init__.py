@@ -6,8 +6,9 @@ noise variance sigma^2 and keeps the singular values above the EVB threshold.
 It is pure ``jnp``, jittable and vmappable.
 
 :func:`vbmf_ranks` applies it to every selected layer of a parameter tree in
-one compiled call (a second only for matrices whose spectrum the Gram route
-cannot resolve; eigenproblems are grouped in size buckets): the two Tucker-2
+one call of two compiled programs, spectra and solve (a second call only for
+matrices whose spectrum the Gram route cannot resolve; eigenproblems are
+grouped in size buckets): the two Tucker-2
 unfoldings of each k x k conv, the (everything but C_out) x C_out matrix of
 each dense layer and 1x1 conv, and the core of each layer already in Tucker-2
 form (MUSCO re-compression). The ranks are then weakened
@@ -45,10 +46,11 @@ from lowrank_jax.vbmf.weaken import (DEFAULT_MIN_RANK_1X1,
 
 # Internals used by tests/ and bench/: the very objects the modules use (the
 # _LAPACK dict is linalg's, mutated in place by use_lapack_eigenvalues, never
-# rebound; _network_evbmf is the jitted function with its cache).
+# rebound; _network_spectra holds the jitted spectra programs (CPU and other
+# backends) and _network_solve the jitted solve, with their caches).
 from lowrank_jax.vbmf.linalg import (_eigvalsh, _LAPACK,
                                      _squared_singular_values)
-from lowrank_jax.vbmf.batched import _network_evbmf
+from lowrank_jax.vbmf.batched import _network_solve, _network_spectra
 from lowrank_jax.vbmf.solver import _evbmf_matrix
 
 __all__ = ['EVBMFResult', 'evbmf', 'vbmf_ranks', 'weakened_rank']

@@ -4,8 +4,9 @@
 matrices EVBMF is applied to (:func:`_plan_layer`): the two Tucker-2
 unfoldings of each k x k conv, the (everything but C_out) x C_out matrix of
 each dense layer and 1x1 conv, and the core of each layer already in
-Tucker-2 form (MUSCO re-compression). All of them go through *one* compiled
-call (:func:`lowrank_jax.vbmf.batched.evbmf_per_mode`; a second one only for
+Tucker-2 form (MUSCO re-compression). All of them go through *one* call of
+two compiled programs, spectra and solve
+(:func:`lowrank_jax.vbmf.batched.evbmf_per_mode`; a second call only for
 the matrices whose spectra ``'auto'`` redoes with the SVD). The ranks are
 then weakened (:func:`lowrank_jax.vbmf.weakened_rank`) and clamped on the
 host.
@@ -116,8 +117,11 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   Each mode's rank is ``weakened_rank(R, R_vbmf, weaken=weaken,
   min_rank=min(min_rank, R))``: EVBMF rank 0 keeps R.
 
-  All matrices of the network go through one jitted function (jax.jit caches
-  it per set of shapes and forms): each (L, M) shape group forms its Gram
+  All matrices of the network go through one call of two jitted programs
+  (jax.jit caches them per set of shapes and forms; the spectra program is
+  compiled at XLA optimization level 0 on CPU, which halved its compile
+  time, the solve with the default options, see
+  :mod:`lowrank_jax.vbmf.batched`): each (L, M) shape group forms its Gram
   matrices in one batched product, the eigenproblems run per size bucket
   (Gram matrices zero-padded to 16, 24, 32, 48, 64, ...: the same
   eigenvalues plus zeros, see
@@ -128,11 +132,12 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   work by about 20 (docs/benchmarks_vbmf.md), while 6 buckets instead of 15
   shape groups cut the compiled eigensolver loops, which dominated the first
   call. Under ``'auto'``, the rare matrices whose spectrum spans more than
-  the Gram route resolves are redone with the SVD in a second program.
+  the Gram route resolves are redone with the SVD in a second call.
 
-  The first call traces and compiles (seconds); later calls with the same
-  shapes reuse the program. To skip the compilation in later *processes*
-  too, pass ``compilation_cache=DIR``: JAX's persistent compilation cache
+  The first call traces and compiles (seconds; the solve compiles while the
+  spectra run); later calls with the same shapes reuse the programs. To skip
+  the compilation in later *processes* too, pass ``compilation_cache=DIR``:
+  JAX's persistent compilation cache
   (https://docs.jax.dev/en/latest/persistent_compilation_cache.html) is then
   on in DIR for this call only (nothing is set at import or left set after
   the call). The cache is trusted code: use a directory only you can write.
