@@ -341,7 +341,10 @@ def report(rows, args, argv, pad):
       'How: the eigenproblems run per size bucket (Gram matrices zero-padded '
       'to 16, 24, 32, 48, 64, ...; ResNet-50: 6 buckets instead of 15 shape '
       "groups), and 'auto' compiles the SVD only when a matrix needs it, so "
-      'the first call compiles fewer loops; `compilation_cache=DIR` (opt-in, '
+      'the first call compiles fewer loops; the spectra program is compiled '
+      'at XLA optimization level 0 on CPU and the EVBMF solve, a second '
+      'program with the default options, compiles while the spectra run; '
+      '`compilation_cache=DIR` (opt-in, '
       'JAX\'s persistent compilation cache for that call only) skips the '
       'compilation in later processes, leaving tracing and lowering. The '
       'floor row bounds the warm call: LAPACK\'s symmetric eigensolver runs '
