@@ -86,7 +86,7 @@ dense = lj.collapse(over)
 print('over-parameterized accuracy', accuracy(dense))"""),
     ('md', """## VBMF ranks and Tucker-2
 
-`vbmf_ranks` computes every layer's ranks in one compiled call; convs get
+`vbmf_ranks` computes every layer's ranks in one call, compiled once per set of shapes; convs get
 `(rank_in, rank_out)` from their two channel unfoldings."""),
     ('code', """ranks, details = lj.vbmf_ranks(dense, select=['conv2', 'fc.*'], report=True)
 print(ranks)
