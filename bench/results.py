@@ -183,6 +183,17 @@ def baseline_path(root, model, seed, settings):
   return os.path.join(root, name, 'stages', 'baseline')
 
 
+def _reused_stage(root, rows, settings, model, pipeline, seed, stage):
+  """``stage`` of ``model``'s ``pipeline`` run at its own target, which the
+  other targets start from: its path when that run is planned in ``rows``
+  or done, else None."""
+  s = settings[model]
+  path = os.path.join(root, row_name(model, pipeline, seed, s)[1], 'stages',
+                      stage)
+  planned = (model, pipeline, seed, s.get('target')) in rows
+  return path if planned or os.path.isdir(path) else None
+
+
 def planned_commands(rows, settings, root, device):
   """Yields ``(key, workdir, args, meta, needs)`` for the rows of
   :func:`plan`; ``meta`` goes into the row, ``needs`` lists the paths the
@@ -191,24 +202,19 @@ def planned_commands(rows, settings, root, device):
     s = settings[model]
     key, name = row_name(model, pipeline, seed, s, target, device)
     workdir = os.path.join(root, name)
-    first_direct = baseline_path(root, model, seed, settings)
-    source = s.get('pretrained_from', model)
-    baseline_planned = (source, 'direct', seed,
-                        settings[source].get('target')) in rows
-    pretrained = None
-    if pipeline in ('musco', 'adtn') or (
-        pipeline == 'direct' and target != s['target'] and (
-            baseline_planned or os.path.isdir(first_direct))):
-      pretrained = first_direct
-    # he2024 trains its over-parameterized network once per seed, at the
-    # model's own target; the other targets split that run's collapse.
-    first_he = os.path.join(root, row_name(model, 'he2024', seed, s)[1],
-                            'stages', 'collapse')
-    trained = None
-    if pipeline == 'he2024' and target and target != s['target'] and (
-        (model, 'he2024', seed, s['target']) in rows or
-        os.path.isdir(first_he)):
-      trained = first_he
+    other_target = target != s.get('target')
+    pretrained = trained = None
+    if pipeline in ('musco', 'adtn'):
+      pretrained = baseline_path(root, model, seed, settings)
+    elif pipeline == 'direct' and other_target:
+      pretrained = _reused_stage(root, rows, settings,
+                                 s.get('pretrained_from', model), 'direct',
+                                 seed, 'baseline')
+    elif pipeline == 'he2024' and target and other_target:
+      # he2024 trains its over-parameterized network once per seed, at the
+      # model's own target; the other targets split that run's collapse.
+      trained = _reused_stage(root, rows, settings, model, 'he2024', seed,
+                              'collapse')
     meta = dict(model=model, pipeline=pipeline, seed=seed)
     if pipeline in ('direct', 'he2024'):
       meta['target'] = target or s['target']
