@@ -322,7 +322,13 @@ def fold_cores(variables, *, max_channels: int = FOLD_MAX_CHANNELS,
 
   Returns:
     The new tree or module (and the report).
+
+  Raises:
+    ValueError: ``max_channels`` < 1 (it would fold nothing, silently).
   """
+  if max_channels < 1:
+    raise ValueError(f'fold_cores: max_channels={max_channels} must be >= 1 '
+                     '(a core has at least one channel)')
   tucker2 = forms.get('tucker2')
 
   def eligible(path, v):

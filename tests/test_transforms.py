@@ -314,3 +314,11 @@ def test_fold_cores_on_nnx_returns_a_new_module_with_equal_outputs(
       9 * 16 * 8 - 16 * 4 - 9 * 4 * 8)
   assert lj.count_flops(folded, (1, 28, 28, 1)).per_layer['conv2'].macs == (
       7 * 7 * (9 * 16 * 8 + 8 * 32))
+
+
+@pytest.mark.parametrize('max_channels', [0, -3])
+def test_fold_cores_refuses_a_width_that_folds_nothing(max_channels):
+  model = lj.get_model('lenet5')
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  with pytest.raises(ValueError, match=f'max_channels={max_channels} must'):
+    lj.fold_cores(v, max_channels=max_channels)
