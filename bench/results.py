@@ -39,6 +39,13 @@ pipelines: per seed, from the direct baseline, EVBMF ranks
 reached (``direct_uniform@evbmf``)::
 
   python bench/results.py --models vgg7b --ablation --seeds 0 1
+
+``--finetune-epochs N`` runs, instead of the pipelines, direct and he2024
+at ``--targets`` fine-tuned N epochs from the plain rows' baseline and
+collapsed network (rows ``direct_ft<N>``, ``he2024_ft<N>``): is the gap
+the fine-tuning schedule or the capacity?::
+
+  python bench/results.py --models vgg7b --finetune-epochs 10 --targets 4
 """
 
 from __future__ import annotations
@@ -257,6 +264,37 @@ def ablation_commands(models, seeds, settings, root, device):
           [pretrained, os.path.join(workdir, 'report.json')]
 
 
+def long_finetune_commands(models, seeds, pipelines, targets, epochs,
+                           settings, root, device):
+  """Longer fine-tuning of the frontier's splits: ``direct`` and ``he2024``
+  at ``targets`` (default: the model's own) fine-tuned ``epochs`` epochs
+  instead of the schedule's, from the same dense baseline (direct) or the
+  same collapsed network (he2024) as the plain rows, so only the
+  fine-tuning differs. Rows are ``<pipeline>_ft<epochs>`` (key
+  ``vgg7b/he2024_ft10@4x/0``); yields as :func:`planned_commands`."""
+  for model in models:
+    s = settings[model]
+    s = dict(s, finetune_epochs=epochs, musco_finetune_epochs=s.get(
+        'musco_finetune_epochs', s['finetune_epochs']))
+    for seed, pipeline, target in [
+        (seed, p, t) for seed in seeds for p in pipelines
+        if p in ('direct', 'he2024') for t in targets or [s['target']]]:
+      source = row_name(model, pipeline, seed, s)[1]
+      stage = os.path.join(root, source, 'stages',
+                           'baseline' if pipeline == 'direct' else 'collapse')
+      label = f'{pipeline}_ft{epochs}'
+      key, name = row_name(model, label, seed, s, device=device)
+      key = key.replace(f'/{label}/', f'/{label}@{target:g}x/')
+      workdir = os.path.join(root, f'{name}_{target:g}x')
+      args = command(model, pipeline, seed, workdir, s,
+                     pretrained=stage if pipeline == 'direct' else None,
+                     target=target,
+                     trained=stage if pipeline == 'he2024' else None)
+      yield key, workdir, args, dict(
+          model=model, pipeline=label, seed=seed, target=target,
+          finetune_epochs=epochs), [stage]
+
+
 def run(args, log, timeout=None):
   """Runs one row's command, its output to ``log``; ``timeout`` (s) kills
   it (subprocess.TimeoutExpired; its workdir resumes on the next run)."""
@@ -313,6 +351,11 @@ def _parser():
                       help='run the rank-selection ablation (EVBMF vs '
                       'uniform-ratio ranks at the same FLOPs) instead of '
                       'the pipelines')
+  parser.add_argument('--finetune-epochs', type=int, default=None,
+                      help='run longer fine-tuning rows (<pipeline>_ft<N>) '
+                      'of direct and he2024 at --targets from the plain '
+                      "rows' baseline / collapsed network instead of the "
+                      'pipelines')
   parser.add_argument('--refresh', action='store_true',
                       help='re-summarize the rows of the results file from '
                       'their workdirs (fills new fields); runs nothing')
@@ -393,6 +436,10 @@ def main(argv=None):
   deadline = None if args.deadline_s is None else t_all + args.deadline_s
   if args.ablation:
     commands = ablation_commands(models, args.seeds, settings, root, device)
+  elif args.finetune_epochs:
+    commands = long_finetune_commands(
+        models, args.seeds, args.pipelines, args.targets,
+        args.finetune_epochs, settings, root, device)
   else:
     rows = plan(models, args.seeds, args.pipelines, args.targets, settings)
     commands = planned_commands(rows, settings, root, device)

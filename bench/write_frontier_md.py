@@ -238,6 +238,43 @@ def ablation(rows, model):
   return out
 
 
+def _long_finetune_groups(rows):
+  """``{(pipeline, target): rows}`` of the longer fine-tuning rows
+  (``<pipeline>_ft<N>``, bench/results.py --finetune-epochs)."""
+  return {k: v for k, v in groups(rows).items()
+          if k[0].split('_ft')[0] in PIPELINES and '_ft' in k[0]}
+
+
+def long_finetune(rows, model):
+  """Lines of the longer fine-tuning rows against the plain rows at the
+  same target: the same split, only the fine-tuning epochs differ."""
+  g = _long_finetune_groups(rows)
+  if not g:
+    return []
+  plain = groups(rows)
+  out = ['', '### Longer fine-tuning', '',
+         'The same splits as the rows above (direct from the same dense '
+         'baseline, he2024 from the same collapsed network, same ranks), '
+         'fine-tuned for more epochs at the same peak learning rate and '
+         'schedule shape: does the gap to the dense baseline close with '
+         'fine-tuning, or is it the capacity of the split network? '
+         f'`python bench/results.py --models {model} --finetune-epochs N '
+         '--targets T --pipelines he2024 direct --seeds 0 1`.', '',
+         '| target | pipeline | fine-tuning epochs | seeds | dense baseline '
+         "| final | same split, schedule's epochs | longer − schedule's |",
+         '|---|---|---|---|---|---|---|---|']
+  for (label, target), rs in sorted(g.items(), key=lambda kv: kv[0][::-1]):
+    base = plain.get((label.split('_ft')[0], target), [])
+    same = [b for b in base if b['seed'] in {r['seed'] for r in rs}]
+    gain = (compare(label, _by_seed(rs), 'schedule', _by_seed(same))[0]
+            if same else 'no plain row')
+    out.append(f'| {target:g}× | {label.split("_ft")[0]} | '
+               f'{rs[0].get("finetune_epochs", "?")} | {_seeds(rs)} | '
+               f'{pct([r.get("baseline_acc") for r in rs])} | '
+               f'**{pct([r["final_acc"] for r in rs])}** | '
+               f'{pct([b["final_acc"] for b in same])} | {gain} |')
+  return out
+
 def _label(pipeline, target):
   return f'{pipeline} at the {target:g}× target' if target else pipeline
 
@@ -302,7 +339,8 @@ def plot_frontier(rows, model, path):
   styles = dict(direct='o-', he2024='s-', musco='D', direct_evbmf='^',
                 direct_uniform='v')
   g, xs = groups(rows), []
-  for i, p in enumerate(PIPELINES + ABLATION):
+  longer = sorted({p for p, _ in _long_finetune_groups(rows)})
+  for i, p in enumerate(PIPELINES + ABLATION + tuple(longer)):
     pts = sorted((_mean(rs, 'flops_ratio'), [100 * r['final_acc'] for r in rs])
                  for (q, _), rs in g.items() if q == p)
     if not pts:
@@ -311,8 +349,10 @@ def plot_frontier(rows, model, path):
     y = [statistics.mean(a) for _, a in pts]
     err = [[m - min(a) for m, (_, a) in zip(y, pts)],
            [max(a) - m for m, (_, a) in zip(y, pts)]]
-    ax.errorbar(x, y, yerr=err, fmt=styles[p], color=f'C{i}', capsize=3,
-                ms=4, lw=1, label=LABELS.get(p, p))
+    label = LABELS.get(p, p.replace('_ft', ', fine-tuned ') +
+                       (' epochs' if '_ft' in p else ''))
+    ax.errorbar(x, y, yerr=err, fmt=styles.get(p, '*'), color=f'C{i}',
+                capsize=3, ms=6 if p in longer else 4, lw=1, label=label)
     xs += x
   base = {r['seed']: r['baseline_acc'] for r in rows
           if r['pipeline'] == 'direct' and r.get('baseline_acc') is not None}
@@ -379,6 +419,7 @@ def section(all_rows, settings, docs):
       out += ['', 'Not in docs/results.json yet: ' + ', '.join(todo) + '.']
     out += ['', f'![{model}: final test accuracy against FLOPs ratio]({png})']
     out += ablation(mine, model)
+    out += long_finetune(mine, model)
     out += ['', '### Goals and questions', '',
             'Computed from the rows above. Differences are in points of '
             'test accuracy between means over seeds; "the seeds\' spread" '

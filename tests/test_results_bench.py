@@ -124,6 +124,39 @@ def test_ablation_uniform_run_takes_the_ratio_evbmf_reached(
   assert rows['vgg7b/direct_evbmf/0']['baseline_acc'] == 0.93
 
 
+
+def test_long_finetune_rows_start_from_the_plain_rows_stages(
+    tmp_path, monkeypatch):
+  for name, stage in (('vgg7b_direct_s0', 'baseline'),
+                      ('vgg7b_he2024_s0', 'collapse')):
+    os.makedirs(tmp_path / name / 'stages' / stage)
+  calls = []
+  monkeypatch.setattr(results, 'run', fake_runner(
+      calls, lambda w: (he2024_report if 'he2024' in w else direct_report)(w)))
+  direct_report(str(tmp_path / 'vgg7b_direct_s0'))   # baseline_acc source
+  results.main(['--models', 'vgg7b', '--finetune-epochs', '10', '--targets',
+                '4', '6', '--seeds', '0', '--pipelines', 'he2024', 'direct',
+                '--root', str(tmp_path), '--results',
+                str(tmp_path / 'results.json')])
+  assert len(calls) == 4
+  for args in calls:
+    assert '--config.finetune.num_epochs=10' in args
+    assert '--config.musco.finetune_epochs=3' in args   # unchanged
+  he_4x, he_6x, direct_4x, _ = calls
+  collapse = f'{tmp_path}/vgg7b_he2024_s0/stages/collapse'
+  assert f'--config.he2024.trained={collapse}' in he_4x
+  assert f'--config.he2024.trained={collapse}' in he_6x
+  assert '--config.compress.target_ratio=6.0' in he_6x
+  assert ('--config.compress.pretrained='
+          f'{tmp_path}/vgg7b_direct_s0/stages/baseline') in direct_4x
+  rows = json.loads((tmp_path / 'results.json').read_text())
+  assert sorted(rows) == ['vgg7b/direct_ft10@4x/0', 'vgg7b/direct_ft10@6x/0',
+                          'vgg7b/he2024_ft10@4x/0', 'vgg7b/he2024_ft10@6x/0']
+  row_ = rows['vgg7b/he2024_ft10@4x/0']
+  assert (row_['pipeline'], row_['target'], row_['finetune_epochs']) == (
+      'he2024_ft10', 4.0, 10)
+  assert row_['baseline_acc'] == 0.93   # the same seed's direct baseline
+
 def row(pipeline, seed, final, *, target=None, ratio=None, base=0.932,
         params=20_000):
   return dict(model='vgg7b', pipeline=pipeline, seed=seed, target=target,
@@ -193,6 +226,7 @@ def test_section_writes_the_frontier_png_and_tables(tmp_path):
       row('musco', 0, 0.92, ratio=3.1), row('direct_evbmf', 0, 0.91,
                                             ratio=1.7),
       row('direct_uniform', 0, 0.905, ratio=1.7, target=1.7),
+      dict(row('he2024_ft10', 0, 0.929, target=4.0), finetune_epochs=10),
       dict(row('direct', 0, 0.5, target=4.0), device='GPU')])}   # not CPU
   lines = frontier.section(rows, results.SETTINGS, str(tmp_path))
   text = '\n'.join(lines)
@@ -202,5 +236,8 @@ def test_section_writes_the_frontier_png_and_tables(tmp_path):
   assert 'EVBMF − uniform at EVBMF\'s ratio: +0.50 points' in text
   assert 'Fine-tuning after a split: 3 epochs at lr 0.01' in text
   assert 'One seed so far' in text and 'he2024 at the 2× target' in text
+  assert ('| 4× | he2024 | 10 | 0 | 93.20 | **92.90** | 92.70 | +0.20 points '
+          '(he2024_ft10 − schedule; per seed 0: +0.20; one seed') in text
+  assert 'he2024_ft10 at the 4× target' in text   # the best at >= 4x
   assert results_rows.row_name('vgg7b', 'direct_uniform@evbmf', 0, {})[1] == (
       'vgg7b_direct_uniform_evbmf_s0')
