@@ -95,6 +95,14 @@ def _adtn_errors(a) -> list[str]:
   return errors
 
 
+def _no_saved_variables(field, path, expected):
+  """``[error]`` naming ``field`` when ``path`` is set but is not a
+  directory of saved variables (``expected`` says what it should be)."""
+  if path and not os.path.isdir(path):
+    return [f'{field}={path!r}: no saved variables there ({expected})']
+  return []
+
+
 def validate(config, *, model=None, input_shape=None) -> None:
   """Checks the compression fields before any training time is spent."""
   c = config.compress
@@ -126,14 +134,14 @@ def validate(config, *, model=None, input_shape=None) -> None:
   if config.pipeline == 'he2024' and config.he2024.penalty_weight < 0:
     errors.append(f'he2024.penalty_weight={config.he2024.penalty_weight} '
                   'must be >= 0')
-  trained = config.get('he2024', {}).get('trained')
-  if config.pipeline == 'he2024' and trained and not os.path.isdir(trained):
-    errors.append(f'he2024.trained={trained!r}: no saved variables there (a '
-                  "previous he2024 run's workdir/stages/collapse)")
-  if c.get('pretrained') and not os.path.isdir(c.pretrained):
-    errors.append(f'compress.pretrained={c.pretrained!r}: no saved variables '
-                  'there (a directory written by checkpoint.save_variables '
-                  'or a previous run\'s workdir/stages/baseline)')
+  if config.pipeline == 'he2024':
+    errors += _no_saved_variables(
+        'he2024.trained', config.get('he2024', {}).get('trained'),
+        "a previous he2024 run's workdir/stages/collapse")
+  errors += _no_saved_variables(
+      'compress.pretrained', c.get('pretrained'),
+      'a directory written by checkpoint.save_variables or a previous '
+      "run's workdir/stages/baseline")
   if config.pipeline == 'adtn':
     errors += _adtn_errors(config.adtn)
   for field in ('select', 'exclude'):
