@@ -51,7 +51,8 @@ class Measured(NamedTuple):
   """Timing of one jitted function."""
   median_s: float     # median seconds per call, compile excluded
   compile_s: float    # seconds of the first call (trace + compile + run)
-  times_s: tuple      # every timed call, seconds
+  times_s: tuple      # every timed call, seconds (wall)
+  cpu_s: float = float('nan')  # median process CPU seconds per call
 
 
 class LayerTiming(NamedTuple):
@@ -84,12 +85,15 @@ class NeverSlowerReport(NamedTuple):
 
 def time_calls(fns: Sequence[Callable], args: Sequence[tuple], *,
                repeats: int = 10, warmup: int = 1,
-               min_time_s: float = 0.0) -> list[Measured]:
+               min_time_s: float = 0.0,
+               shuffle: int | None = None) -> list[Measured]:
   """Medians of jitted calls, interleaved so load noise hits all alike.
 
   Each function is compiled and run ``warmup`` times first (the first call's
   time is reported as ``compile_s``); then the functions are called in turn,
-  ``repeats`` rounds, each call waited for with ``jax.block_until_ready``.
+  ``repeats`` rounds, each call waited for with ``jax.block_until_ready``
+  and timed in wall and process CPU time (CPU time is disturbed less than
+  wall time by load from other processes).
 
   Args:
     fns: jitted functions (or anything callable on the matching ``args``).
@@ -99,6 +103,9 @@ def time_calls(fns: Sequence[Callable], args: Sequence[tuple], *,
     min_time_s: keep adding rounds until every function has this much timed
       time in total (for fast calls whose single times are noisy), at most
       ``100 * repeats`` rounds.
+    shuffle: None calls the functions in the given order every round; an
+      int seeds a new random order per round (a fixed order biased the
+      times of a call's neighbours in bench/bench_own_model.py).
 
   Returns:
     One :class:`Measured` per function.
@@ -110,51 +117,42 @@ def time_calls(fns: Sequence[Callable], args: Sequence[tuple], *,
     compile_s.append(time.perf_counter() - start)
     for _ in range(max(warmup, 1) - 1):
       jax.block_until_ready(fn(*a))
-  times = [[] for _ in fns]
+  rng = None if shuffle is None else np.random.default_rng(shuffle)
+  wall, cpu = [[] for _ in fns], [[] for _ in fns]
   rounds = 0
   while True:
-    for i, (fn, a) in enumerate(zip(fns, args)):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*a))
-      times[i].append(time.perf_counter() - start)
+    for i in (range(len(fns)) if rng is None else rng.permutation(len(fns))):
+      w0, c0 = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fns[i](*args[i]))
+      wall[i].append(time.perf_counter() - w0)
+      cpu[i].append(time.process_time() - c0)
     rounds += 1
     if rounds >= max(repeats, 1) and (
-        min(sum(t) for t in times) >= min_time_s or
+        min(sum(t) for t in wall) >= min_time_s or
         rounds >= 100 * max(repeats, 1)):
       break
-  return [Measured(float(np.median(t)), c, tuple(t))
-          for t, c in zip(times, compile_s)]
+  return [Measured(float(np.median(w)), c, tuple(w), float(np.median(u)))
+          for w, u, c in zip(wall, cpu, compile_s)]
 
 
 def time_interleaved(fns: Mapping[str, Callable], args: Mapping[str, tuple],
                      rounds: int = 5, *, seed: int = 0
                      ) -> dict[str, NetworkTiming]:
-  """Medians of wall and process CPU time, in a new random order each round.
-
-  The functions should be warm (compiled): every call is timed. A fixed
-  order biased the times of a call's neighbours (bench_own_model.py); CPU
-  time is disturbed less than wall time by load from other processes.
+  """:func:`time_calls` by label, in a new random order each round (seeded
+  by ``seed``): ``{label: NetworkTiming(wall, cpu)}``, medians of
+  ``rounds`` calls per function after one untimed call each.
 
   Args:
     fns: ``{label: callable}``.
     args: ``{label: tuple of arguments}``, same labels.
-    rounds: calls per function.
+    rounds: timed calls per function.
     seed: seed of the call orders.
-
-  Returns:
-    ``{label: NetworkTiming}``.
   """
-  rng = np.random.default_rng(seed)
   labels = list(fns)
-  times = {k: [] for k in labels}
-  for _ in range(max(rounds, 1)):
-    for i in rng.permutation(len(labels)):
-      k = labels[i]
-      w0, c0 = time.perf_counter(), time.process_time()
-      jax.block_until_ready(fns[k](*args[k]))
-      times[k].append((time.perf_counter() - w0, time.process_time() - c0))
-  return {k: NetworkTiming(*map(float, np.median(times[k], axis=0)))
-          for k in labels}
+  measured = time_calls([fns[k] for k in labels], [args[k] for k in labels],
+                        repeats=rounds, shuffle=seed)
+  return {k: NetworkTiming(m.median_s, m.cpu_s)
+          for k, m in zip(labels, measured)}
 
 
 # ----------------------------------------------------------------- ranks ---
@@ -363,7 +361,8 @@ def time_networks(candidates: Mapping[str, Any], input_shape, *, model=None,
   """Times whole networks on one random batch, interleaved call by call.
 
   Each candidate is jitted, compiled and run once untimed, then all are
-  called in turn (:func:`time_interleaved`).
+  called in turn, in a new random order each round
+  (:func:`time_interleaved`).
 
   Args:
     candidates: ``{name: variables}`` of the linen ``model``, or ``{name:
@@ -384,7 +383,6 @@ def time_networks(candidates: Mapping[str, Any], input_shape, *, model=None,
   for name, candidate in candidates.items():
     fns[name], state = _network_fn(candidate, model, apply_kwargs)
     args[name] = (state, x)
-    jax.block_until_ready(fns[name](*args[name]))
   return time_interleaved(fns, args, rounds, seed=seed)
 
 

@@ -359,3 +359,23 @@ def test_fastest_network_times_nnx_modules():
   best, choice = lj.fastest_network(candidates, (2, 28, 28, 1), rounds=1)
   _check_choice(candidates, best, choice)
   assert choice.clock == 'wall'
+
+
+@pytest.mark.parametrize('shuffle', [None, 3])
+def test_time_calls_order_fixed_or_shuffled_per_round(shuffle):
+  calls = []
+  fns = [lambda k=k: calls.append(k) for k in range(4)]
+  measured = speed.time_calls(fns, [()] * 4, repeats=6, shuffle=shuffle)
+  rounds = [calls[4 + 4 * r:8 + 4 * r] for r in range(6)]   # after warm-up
+  assert calls[:4] == [0, 1, 2, 3]   # warm-up (compile) in the given order
+  assert all(sorted(r) == [0, 1, 2, 3] for r in rounds)
+  if shuffle is None:
+    assert all(r == [0, 1, 2, 3] for r in rounds)
+  else:
+    assert len({tuple(r) for r in rounds}) > 1
+  for m in measured:
+    assert len(m.times_s) == 6 and np.isfinite(m.cpu_s) and m.cpu_s >= 0
+  timings = speed.time_interleaved(dict(zip('abcd', fns)), dict.fromkeys(
+      'abcd', ()), rounds=2, seed=1)
+  assert sorted(timings) == list('abcd')
+  assert all(t.wall_s >= 0 and t.cpu_s >= 0 for t in timings.values())
