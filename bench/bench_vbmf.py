@@ -338,18 +338,22 @@ def report(rows, args, argv, pad):
         f'({r["warm"] / r["floor"]:.2f}x the floor).')
     lines.append('')
   lines += [
-      'How: the eigenproblems run per size bucket (Gram matrices zero-padded '
-      'to 16, 24, 32, 48, 64, ...; ResNet-50: 6 buckets instead of 15 shape '
-      "groups), and 'auto' compiles the SVD only when a matrix needs it, so "
-      'the first call compiles fewer loops; the spectra program is compiled '
-      'at XLA optimization level 0 on CPU and the EVBMF solve, a second '
-      'program with the default options, compiles while the spectra run; '
-      '`compilation_cache=DIR` (opt-in, '
-      'JAX\'s persistent compilation cache for that call only) skips the '
-      'compilation in later processes, leaving tracing and lowering. The '
-      'floor row bounds the warm call: LAPACK\'s symmetric eigensolver runs '
-      'on one core, and `jnp.linalg.eigvalsh` also computes eigenvectors '
-      '(`lj.vbmf.use_lapack_eigenvalues()` opts in to eigenvalues only).',
+      'How: each Gram matrix is formed from its kernel (no copies of the '
+      'unfoldings) and scaled by the power of two of its largest diagonal '
+      'entry (matrices at extreme scales are redone prescaled); the '
+      'eigenproblems run per size bucket (Gram matrices zero-padded to 16, '
+      '24, 32, 48, 64, ...; ResNet-50: 6 buckets instead of 15 shape '
+      'groups) and compute eigenvalues only (singular values of the Gram '
+      "matrix, LAPACK ?gesdd jobz='N'; `lj.vbmf.use_lapack_eigenvalues()` "
+      "opts in to ?syevd mode 'N'); 'auto' compiles the SVD only when a "
+      'matrix needs it; the spectra program is compiled at XLA optimization '
+      'level 0 on CPU and the EVBMF solve, a second program with the default '
+      'options, compiles in a second thread from the spectra\'s output '
+      'shapes; `compilation_cache=DIR` (opt-in, JAX\'s persistent '
+      'compilation cache for that call only) skips the compilation in later '
+      'processes, leaving tracing and lowering. The floor row bounds the '
+      'warm call from below for XLA: NumPy forms `m @ m.T` with BLAS ?syrk '
+      '(half the flops of the general product XLA\'s dot runs).',
       '',
   ]
   return '\n'.join(lines)

@@ -675,15 +675,16 @@ def test_lapack_eigenvalue_path_is_opt_in_active_and_correct(resnet20):
   gram = jnp.asarray(planted((20, 40), 3, seed=1) @ planted((20, 40), 3,
                                                           seed=1).T,
                      jnp.float32)
-  assert 'ffi_call' not in str(jax.make_jaxpr(lambda g: vbmf._eigvalsh(g))(gram))
+  jaxpr = lambda: str(jax.make_jaxpr(lambda g: vbmf._gram_eigenvalues(g))(gram))
+  assert 'ffi_call' not in jaxpr()
   try:
     if not vbmf.use_lapack_eigenvalues(True):
       pytest.fail('the LAPACK eigenvalue target failed its self-check on '
                   'this jaxlib: update _syevd_values_call or drop it')
     # A new function each time: make_jaxpr caches traces per function.
-    assert 'ffi_call' in str(jax.make_jaxpr(lambda g: vbmf._eigvalsh(g))(gram))
-    np.testing.assert_allclose(vbmf._eigvalsh(gram),
-                               np.linalg.eigvalsh(np.asarray(gram)),
+    assert 'ffi_call' in jaxpr()
+    np.testing.assert_allclose(vbmf._gram_eigenvalues(gram),
+                               np.linalg.eigvalsh(np.asarray(gram))[::-1],
                                rtol=1e-4, atol=1e-3)
     assert vbmf.vbmf_ranks(resnet20, select=r'stage3.*') == default
   finally:
@@ -752,13 +753,47 @@ def test_network_programs_flag_a_non_finite_matrix(backend, method, value):
   kernel[3, 7] = value
   all_layers['d1'] = {'kernel': jnp.asarray(kernel)}
   sources, kinds, groups = batched._program_inputs(plan, all_layers)
-  spectra = batched._network_spectra[backend](sources, kinds, groups, method)
+  spectra = batched._network_spectra[backend](sources, kinds, groups, method,
+                                              prescale=True)
   rank, _, _, gamma, e, _ = batched._network_solve(spectra, method)['float32']
   order = [i for _, members in groups for i, _ in members]
   assert [int(r) for r in rank] == [-1 if plan[i].path == 'd1' else 5
                                     for i in order]
   assert np.isnan(np.asarray(gamma)[order.index(1)]).all()
   assert int(e[order.index(1)]) == 0
+
+
+def test_direct_grams_equal_the_prescaled_program_and_flag_extreme_scales():
+  """The first pass forms each Gram matrix from its kernel (tall 'in' and
+  'out' unfoldings too) and scales it by its diagonal: the same spectra as
+  the prescaled program (the redo), and a layer at 1e-30 is flagged for
+  that redo, as is an all-zero one; vbmf_ranks still ranks both."""
+  rng = np.random.default_rng(0)
+  shapes = {'tall_in': (3, 3, 40, 2), 'tall_out': (3, 3, 2, 40),
+            'conv': (3, 3, 16, 24), 'dense': (20, 90)}
+  params = {p: {'kernel': jnp.asarray(rng.standard_normal(s), jnp.float32)}
+            for p, s in shapes.items()}
+  params['tiny'] = {'kernel': jnp.asarray(1e-30 * planted((20, 90), 5),
+                                          jnp.float32)}
+  params['zero'] = {'kernel': jnp.zeros((20, 90), jnp.float32)}
+  all_layers, plan = network._plan(params, None)
+  sources, kinds, groups = batched._program_inputs(plan, all_layers)
+
+  def spectra(prescale):
+    out = batched._network_spectra['cpu'](sources, kinds, groups, 'gram',
+                                          prescale=prescale)['float32']
+    lam = np.asarray(out[0]) * np.exp2(2.0 * np.asarray(out[3]))[:, None]
+    return lam, np.asarray(out[5])
+
+  (direct, rescale), (prescaled, none) = spectra(False), spectra(True)
+  order = [plan[i].path for _, members in groups for i, _ in members]
+  assert list(rescale) == [p in ('tiny', 'zero') for p in order]
+  assert not none.any()
+  for row, want, path in zip(direct, prescaled, order):
+    if path not in ('tiny', 'zero'):
+      np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6 * want[0])
+  ranks = vbmf.vbmf_ranks(params, min_rank=1)
+  assert ranks['tiny'] == (5,) and ranks['zero'] == (20,)
 
 
 def test_bucketed_spectra_equal_unpadded_eigenvalues():
@@ -768,8 +803,7 @@ def test_bucketed_spectra_equal_unpadded_eigenvalues():
   grams = [y @ y.T for y in ys]
   padded = jnp.stack([np.pad(g, ((0, 24 - len(g)), (0, 24 - len(g))))
                       for g in grams])
-  lam = batched._bucket_spectra(padded, jnp.asarray([[20.], [21.], [24.]]),
-                                'gram')
+  lam = batched._bucket_spectra(padded, jnp.asarray([[20.], [21.], [24.]]))
   for row, g in zip(np.asarray(lam), grams):
     big_l = len(g)
     want = np.linalg.eigvalsh(g.astype(np.float64))[::-1]

@@ -7,8 +7,8 @@ It is pure ``jnp``, jittable and vmappable.
 
 :func:`vbmf_ranks` applies it to every selected layer of a parameter tree in
 one call of two compiled programs, spectra and solve (a second call only for
-matrices whose spectrum the Gram route cannot resolve; eigenproblems are
-grouped in size buckets): the two Tucker-2
+matrices at extreme scales or whose spectrum the Gram route cannot resolve;
+eigenproblems are grouped in size buckets): the two Tucker-2
 unfoldings of each k x k conv, the (everything but C_out) x C_out matrix of
 each dense layer and 1x1 conv, and the core of each layer already in Tucker-2
 form (MUSCO re-compression). The ranks are then weakened
@@ -27,8 +27,9 @@ Modules:
   which matrices each layer contributes, unfoldings, cores, minimum ranks;
   the weakened, clamped ranks).
 * :mod:`~lowrank_jax.vbmf.batched`: EVBMF of all the planned matrices in one
-  compiled program (size buckets, zero-padded Gram matrices, the ``'auto'``
-  SVD redo, the opt-in persistent compilation cache).
+  call of two compiled programs (size buckets, zero-padded Gram matrices,
+  the prescaled and ``'auto'`` SVD redos, the opt-in persistent
+  compilation cache).
 
 References:
   Nakajima, Sugiyama, Babacan, Tomioka, Global Analytic Solution of
@@ -48,7 +49,7 @@ from lowrank_jax.vbmf.weaken import (DEFAULT_MIN_RANK_1X1,
 # _LAPACK dict is linalg's, mutated in place by use_lapack_eigenvalues, never
 # rebound; _network_spectra holds the jitted spectra programs (CPU and other
 # backends) and _network_solve the jitted solve, with their caches).
-from lowrank_jax.vbmf.linalg import (_eigvalsh, _LAPACK,
+from lowrank_jax.vbmf.linalg import (_gram_eigenvalues, _LAPACK,
                                      _squared_singular_values)
 from lowrank_jax.vbmf.batched import _network_solve, _network_spectra
 from lowrank_jax.vbmf.solver import _evbmf_matrix

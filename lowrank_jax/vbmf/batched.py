@@ -3,16 +3,18 @@
 :func:`evbmf_per_mode` takes the layer plans of
 :mod:`~lowrank_jax.vbmf.network` and returns every (layer, mode)'s EVBMF
 rank, sigma^2, threshold and spectrum from one call of two jitted programs:
-the spectra (:func:`_network_spectra_impl`: the matrices are built from
-their sources inside the program, their L x L Gram matrices zero-padded to a
-few size buckets, :func:`_bucket`, so that a network compiles a few
-eigensolver loops) and one vmapped EVBMF solve of them all
-(:func:`_network_solve`). They are two programs so that each is compiled
-with the options that suit it (see ``_SPECTRA_CPU_OPTIONS``). Under
-``'auto'``, the matrices whose spectrum the Gram route cannot resolve are
-redone with the SVD in a second pair of programs. ``compilation_cache=DIR``
-turns JAX's persistent compilation cache on for that call only
-(:func:`_persistent_cache`).
+the spectra (:func:`_network_spectra_impl`: each matrix's L x L Gram
+matrix formed from its kernel, scaled by a power of two and zero-padded to
+a few size buckets, :func:`_bucket`, so that a network compiles a few
+eigensolver loops; eigenvalues without eigenvectors) and one vmapped EVBMF
+solve of them all (:func:`_network_solve`, compiled in a second thread
+while the spectra compile and run). They are two programs so that each is
+compiled with the options that suit it (see ``_SPECTRA_CPU_OPTIONS``).
+Matrices the unscaled Gram products cannot serve (extreme scales, NaN /
+Inf) are redone with prescaled matrices and, under ``'auto'``, those whose
+spectrum the Gram route cannot resolve with the SVD, each in a second pair
+of programs. ``compilation_cache=DIR`` turns JAX's persistent compilation
+cache on for that call only (:func:`_persistent_cache`).
 
 References:
   Nakajima et al., JMLR 14, 2013 (EVBMF).
@@ -20,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -59,18 +62,33 @@ def evbmf_per_mode(plan: tuple[_Layer, ...], all_layers, method: str, *,
       are finite.
   """
   with _persistent_cache(compilation_cache):
-    per_mode, unsure = _run(plan, all_layers, method)
-    if unsure:
-      # 'auto': matrices whose spectra span more than the Gram route
-      # resolves, redone with the SVD in a second pair of programs
-      # (compiled only for networks that have such a matrix).
-      redo = sorted({i for i, _ in unsure})
-      again, _ = _run(tuple(plan[i] for i in redo), all_layers, 'svd')
-      for j, i in enumerate(redo):
-        for m in range(len(plan[i].modes)):
-          if (i, m) in unsure:
-            per_mode[(i, m)] = again[(j, m)]
+    per_mode, redo = _run(plan, all_layers, method, prescale=False)
+    # Matrices whose unscaled Gram matrix the first pass cannot trust (an
+    # extreme scale, or non-finite: _REDO_PRESCALED), then 'auto''s
+    # matrices whose spectra span more than the Gram route resolves
+    # (_REDO_SVD): each pass is compiled only for networks that need it.
+    for code, how in ((_REDO_PRESCALED, method), (_REDO_SVD, 'svd')):
+      redo = _redo(per_mode, redo, plan, all_layers, code, how)
   return per_mode
+
+
+def _redo(per_mode, redo, plan, all_layers, code, method):
+  """Recomputes the ``(layer, mode)`` keys flagged ``code`` with prescaled
+  matrices and ``method`` (in ``per_mode``); returns the flags left."""
+  keys = {k for k, c in redo.items() if c == code}
+  left = {k: c for k, c in redo.items() if c != code}
+  if not keys:
+    return left
+  layers = sorted({i for i, _ in keys})
+  again, more = _run(tuple(plan[i] for i in layers), all_layers, method,
+                     prescale=True)
+  for j, i in enumerate(layers):
+    for m in range(len(plan[i].modes)):
+      if (i, m) in keys:
+        per_mode[(i, m)] = again[(j, m)]
+        if (j, m) in more:
+          left[(i, m)] = more[(j, m)]
+  return left
 
 
 def _svd_core(v):
@@ -109,7 +127,7 @@ def _bucket(big_l: int) -> int:
   return size
 
 
-def _bucket_spectra(grams, big_l, method):
+def _bucket_spectra(grams, big_l):
   """gamma^2 (N, P), largest first, of zero-padded Gram matrices (N, P, P).
 
   ``Y Y^T`` padded with zero rows and columns is block-diagonal, ``diag(G,
@@ -117,16 +135,15 @@ def _bucket_spectra(grams, big_l, method):
   (below ``L eps lambda_max``, with the true L) zeroes every eigenvalue of
   the padding, so the first L entries are G's spectrum and the rest are
   zeros, as the solver expects (entries from L on never count). LAPACK's
-  Householder reduction leaves a zero trailing block zero, so the padded
-  and unpadded eigenproblems agree to rounding (tests/test_vbmf.py checks
-  the ranks against unpadded EVBMF).
+  reductions leave a zero trailing block zero, so the padded and unpadded
+  eigenproblems agree to rounding (tests/test_vbmf.py checks the ranks
+  against unpadded EVBMF).
   """
-  del method
   # lax.map, not vmap: jaxlib 0.10.2's batched CPU eigh fans its batch out
   # into XLA's intra-op thread pool and blocks the worker until it is
   # done; two such calls at once (independent groups) wedged a 2-thread
   # pool for good. One matrix per call runs inline.
-  lam = jax.lax.map(linalg._eigvalsh, grams)[:, ::-1]
+  lam = jax.lax.map(linalg._gram_eigenvalues, grams)
   tol = big_l * jnp.finfo(lam.dtype).eps * lam[:, :1]
   return jnp.where(lam > tol, lam, 0.0)
 
@@ -142,21 +159,29 @@ def _bucket_spectra(grams, big_l, method):
 # own program with the default options (0.75 s to compile, mostly while
 # the spectra run). Other backends keep their defaults.
 _SPECTRA_CPU_OPTIONS = {'xla_backend_optimization_level': 0}
-_SPECTRA_STATIC = ('kinds', 'groups', 'method', 'lapack')
+_SPECTRA_STATIC = ('kinds', 'groups', 'method', 'prescale', 'lapack')
+# What the solve tells the host to redo (see evbmf_per_mode).
+_REDO_SVD, _REDO_PRESCALED = 1, 2
 
 
-def _network_spectra_impl(sources, kinds, groups, method, lapack=False):
+def _network_spectra_impl(sources, kinds, groups, method, prescale,
+                          lapack=False):
   """Spectra of all matrices of a network, in one program.
 
   The static arguments hold no layer paths, so networks with the same shapes
   and forms share one compiled program.
 
-  Per (L, M) shape group, the matrices are stacked, scaled (see
-  :func:`_scale_stacks`) and, on the Gram route, their L x L Gram matrices
-  formed in one batched product. The eigenproblems then run per size bucket
-  (:func:`_bucket`), the Gram matrices zero-padded to it, so a network
-  compiles a few eigensolver loops, not one per shape (the compilation, not
-  the run, dominated the first call). ``'svd'`` runs per shape group.
+  Per (L, M) shape group, the L x L Gram matrices are formed (one product
+  per matrix, straight from its kernel: no stacked copies of the matrices)
+  and the eigenproblems run per size bucket (:func:`_bucket`), the Gram
+  matrices zero-padded to it, so a network compiles a few eigensolver
+  loops, not one per shape. Without ``prescale`` each Gram matrix is
+  scaled by the power of two of its largest diagonal entry
+  (:func:`_diagonal_scale`), exact unless that entry lies outside the
+  range where the unscaled products are exact enough; such matrices are
+  flagged for the prescaled pass. With ``prescale`` (and for ``'svd'``,
+  which runs per shape group) the matrices are stacked and scaled first
+  (:func:`_scale_stacks`).
 
   Args:
     sources: per layer, the kernel / core array or the variables to collapse.
@@ -164,78 +189,147 @@ def _network_spectra_impl(sources, kinds, groups, method, lapack=False):
     groups: tuple of ``((L, M, dtype), ((layer index, mode index), ...))``,
       sorted by L within each dtype (:func:`_program_inputs`).
     method: 'auto', 'gram' or 'svd'.
+    prescale: scale the matrices before their Gram products (the redo).
     lapack: whether :func:`use_lapack_eigenvalues` was on (read at trace
       time; a static argument so that each setting has its own program).
 
   Returns:
-    ``{dtype: (lam (N, P), L (N,), M (N,), e (N,), finite (N,))}`` for the
-    N matrices of that dtype in group order: gamma^2 of the matrix times
-    ``2**-e``, largest first, zero-padded to P. ``finite`` is False for a
-    matrix with NaN / Inf entries (its lam is zero, its e 0).
+    ``{dtype: (lam (N, P), L (N,), M (N,), e (N,), finite (N,), rescale
+    (N,))}`` for the N matrices of that dtype in group order: gamma^2 of
+    the matrix times ``2**-2e``, largest first, zero-padded to P.
+    ``finite`` is False for a (prescaled) matrix with NaN / Inf entries
+    (its lam is zero, its e 0); ``rescale`` marks the matrices the
+    prescaled pass must redo.
   """
-  del lapack  # read by _eigvalsh through _LAPACK while tracing
-  kernels = []
-  for (source, _, dtype), src in zip(kinds, sources):
-    if source == 'to_kernel':
-      kernel = forms.to_kernel(src)
-    elif source == 'svd_core':
-      kernel = _svd_core(src)
-    else:
-      kernel = src
-    kernels.append(kernel.astype(dtype))
-  by_dtype = {}  # dtype -> [(L, M, stack (n, L, M))] in group order
+  del lapack  # read by _gram_eigenvalues through _LAPACK while tracing
+  kernels = [_kernel(src, source).astype(dtype)
+             for (source, _, dtype), src in zip(kinds, sources)]
+  by_dtype = {}  # dtype -> [(L, M, (kernel, mode) pairs)] in group order
   for (big_l, big_m, dtype), members in groups:
-    by_dtype.setdefault(dtype, []).append((big_l, big_m, jnp.stack(
-        [_matrix(kernels[i], kinds[i][1][m]) for i, m in members])))
-  out = {}
-  for dtype, items in by_dtype.items():
-    ys, e = _scale_stacks([y for _, _, y in items])
-    sides = [big_l for big_l, _, _ in items]
+    by_dtype.setdefault(dtype, []).append((big_l, big_m, [
+        (kernels[i], kinds[i][1][m]) for i, m in members]))
+  return {dtype: _dtype_spectra(items, method, prescale)
+          for dtype, items in by_dtype.items()}
+
+
+def _kernel(src, source):
+  """The kernel / core array a layer's matrices come from."""
+  if source == 'to_kernel':
+    return forms.to_kernel(src)
+  if source == 'svd_core':
+    return _svd_core(src)
+  return src
+
+
+def _dtype_spectra(items, method, prescale):
+  """One dtype's ``(lam, L, M, e, finite, rescale)``, see the caller."""
+  sides = [big_l for big_l, _, _ in items]
+  counts = [len(mats) for _, _, mats in items]
+  if method == 'svd' or prescale:
+    ys, e = _scale_stacks([jnp.stack([_matrix(*y) for y in mats])
+                           for _, _, mats in items])
     if method == 'svd':
       lams, finite = _svd_spectra(ys)
     else:
-      lams, finite = _gram_spectra(ys, sides, method)
-    width = max(lam.shape[1] for lam in lams)
-    lam = jnp.concatenate([jnp.pad(lam, ((0, 0), (0, width - lam.shape[1])))
-                           for lam in lams])
-    counts = [y.shape[0] for y in ys]
-    big_l, big_m = (jnp.asarray(np.repeat([it[k] for it in items], counts),
-                                dtype) for k in (0, 1))
-    out[dtype] = (lam, big_l, big_m, jnp.where(finite, e, 0), finite)
-  return out
+      grams = [_gram(y) for y in ys]
+      lams, finite, _ = _gram_spectra(grams, sides, by_diagonal=False)
+    e = jnp.where(finite, e, 0)
+    rescale = jnp.zeros_like(finite)
+  else:
+    grams = [jnp.stack([_mode_gram(*y) for y in mats]) for _, _, mats in items]
+    lams, ok, e = _gram_spectra(grams, sides, by_diagonal=True)
+    finite, rescale = jnp.ones_like(ok), ~ok
+  width = max(lam.shape[1] for lam in lams)
+  lam = jnp.concatenate([jnp.pad(lam, ((0, 0), (0, width - lam.shape[1])))
+                         for lam in lams])
+  big_l, big_m = (jnp.asarray(np.repeat([it[k] for it in items], counts),
+                              lam.dtype) for k in (0, 1))
+  return lam, big_l, big_m, e, finite, rescale
 
 
-def _gram_spectra(ys, sides, method):
-  """gamma^2 per size bucket (a list of (n, P)) and ``finite`` (N,).
+def _mode_gram(kernel, mode):
+  """The L x L Gram matrix of the mode's matrix (:func:`_matrix`), formed
+  from the kernel without copying the matrix: ``X^T X`` or ``X X^T``
+  contracting the kernel's other axes in place."""
+  if mode == 'in':  # rows C_in, columns (kh kw, C_out)
+    x = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1])
+    if x.shape[1] <= x.shape[0] * x.shape[2]:
+      dims = (((0, 2), (0, 2)), ((), ()))
+    else:
+      dims = (((1,), (1,)), ((), ()))
+  else:  # rows (everything but C_out), columns C_out
+    x = kernel.reshape(-1, kernel.shape[-1])
+    dims = ((((0,), (0,)) if x.shape[1] <= x.shape[0] else ((1,), (1,))),
+            ((), ()))
+  g = jax.lax.dot_general(x, x, dims, precision=jax.lax.Precision.HIGHEST)
+  side = int(np.sqrt(g.size))
+  return g.reshape(side, side)
 
-  ``ys``: scaled stacks (n, L, M) in group order, ``sides`` their L. Groups
-  are sorted by L, so each bucket's matrices are contiguous and the
-  buckets' rows, concatenated, are in group order.
+
+def _gram(y):
+  """``Y Y^T`` of a matrix (L, M) or a stack (n, L, M), full float32."""
+  return jnp.matmul(y, jnp.swapaxes(y, -1, -2),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _gram_spectra(grams, sides, by_diagonal):
+  """``(lams, ok, e)``: gamma^2 per size bucket (a list of (n, P)).
+
+  ``grams``: Gram stacks (n, L, L) in group order, ``sides`` their L.
+  Groups are sorted by L, so each bucket's matrices are contiguous and the
+  buckets' rows, concatenated, are in group order. ``by_diagonal``: scale
+  each by :func:`_diagonal_scale` (``e`` (N,) and ``ok`` from there); else
+  ``ok`` says the Gram matrix is finite (``e`` None).
   """
   buckets = {}  # P -> [(padded grams (n, P, P), L)]
-  for y, big_l in zip(ys, sides):
-    gram = jnp.matmul(y, jnp.swapaxes(y, 1, 2),
-                      precision=jax.lax.Precision.HIGHEST)
+  for gram, big_l in zip(grams, sides):
     size = _bucket(big_l)
     if buckets and size not in buckets and size < max(buckets):
       raise AssertionError('shape groups must be sorted by L')
     pad = size - big_l
     buckets.setdefault(size, []).append(
         (jnp.pad(gram, ((0, 0), (0, pad), (0, pad))), big_l))
-  lams, finite = [], []
+  lams, oks, es = [], [], []
   for items in buckets.values():
     grams = jnp.concatenate([g for g, _ in items])
-    # |y| <= 1, so a finite matrix has a finite Gram sum (at most L^2 M);
-    # a NaN / Inf entry makes its diagonal entry NaN / Inf. (XLA:CPU's max
-    # reduction skips NaN, so the peak of _scale_stacks does not tell.)
-    ok = jnp.isfinite(jnp.sum(grams, axis=(1, 2)))
+    if by_diagonal:
+      grams, e, ok = _diagonal_scale(grams)
+      es.append(e)
+    else:
+      # |y| <= 1, so a finite matrix has a finite Gram sum (at most L^2 M);
+      # a NaN / Inf entry makes its diagonal entry NaN / Inf. (XLA:CPU's
+      # max reduction skips NaN, so the peak of _scale_stacks does not
+      # tell.)
+      ok = jnp.isfinite(jnp.sum(grams, axis=(1, 2)))
     grams = jnp.where(ok[:, None, None], grams, 0.0)  # LAPACK never sees NaN
     big_l = jnp.asarray(np.repeat([l for _, l in items],
                                   [g.shape[0] for g, _ in items]),
                         grams.dtype)
-    lams.append(_bucket_spectra(grams, big_l[:, None], method))
-    finite.append(ok)
-  return lams, jnp.concatenate(finite)
+    lams.append(_bucket_spectra(grams, big_l[:, None]))
+    oks.append(ok)
+  return lams, jnp.concatenate(oks), (jnp.concatenate(es) if es else None)
+
+
+def _diagonal_scale(grams):
+  """``(grams * 2**-2e, e, ok)`` for unscaled Gram matrices (N, P, P).
+
+  ``e`` (N,) from the largest diagonal entry d (the largest squared row
+  norm), so the scaled one lies in [1/4, 1): the same scaling by a power of
+  two as scaling the matrix first (:func:`_scale_stacks`, a pass over every
+  weight, and its copy), done on the small Gram matrix instead. It is
+  exact where the unscaled products are: ``ok`` is False (and e 0) unless
+  ``sqrt(tiny) <= d <= sqrt(max)`` of the dtype, so that products flushed
+  to zero below ``tiny`` lie far below ``eps d`` and nothing overflows;
+  NaN / Inf, an all-zero matrix and extreme scales fail it and go to the
+  prescaled pass.
+  """
+  d = jnp.max(jnp.diagonal(grams, axis1=1, axis2=2), axis=1)
+  finfo = jnp.finfo(grams.dtype)
+  ok = (d >= np.sqrt(finfo.tiny)) & (d <= np.sqrt(finfo.max))
+  _, k = jnp.frexp(jnp.where(ok, d, 1.0))
+  e = (k + 1) // 2
+  scale = linalg._pow2(-2 * e, grams.dtype)
+  return grams * scale[:, None, None], jnp.where(ok, e, 0), ok
 
 
 def _svd_spectra(ys):
@@ -292,43 +386,54 @@ def _network_solve(spectra, method):
 
   Returns:
     ``{dtype: (rank (N,), sigma2 (N,), threshold (N,), gamma (N, P),
-    e (N,), unsure (N,))}``: sigma2 and the threshold are those of the
+    e (N,), redo (N,))}``: sigma2 and the threshold are those of the
     matrix times ``2**-e`` (multiply by ``2**(2e)`` and ``2**e``); gamma is
     rescaled. A matrix with NaN / Inf entries has rank -1 and NaN gamma.
-    ``unsure`` (``'auto'`` only; else all False) marks the matrices whose
-    spectrum spans more than the Gram route resolves: the caller redoes
-    them with ``'svd'`` (:func:`evbmf_per_mode`), so the SVD is compiled
-    only for networks that need it.
+    ``redo`` is 0, or what the caller must redo the matrix with
+    (:func:`evbmf_per_mode`): ``_REDO_PRESCALED`` (flagged by the spectra)
+    or, under ``'auto'``, ``_REDO_SVD`` for a spectrum that spans more than
+    the Gram route resolves, so the SVD is compiled only for networks that
+    need it.
   """
-  def solve(lam, big_l, big_m, e, finite):
+  def solve(lam, big_l, big_m, e, finite, rescale):
     res, gamma = _evbmf_sq(lam, big_l, big_m)
     unsure = (_gram_unsure(lam, big_l, big_m) if method == 'auto'
               else jnp.zeros((), bool))
+    redo = jnp.where(rescale, _REDO_PRESCALED,
+                     jnp.where(finite & unsure, _REDO_SVD, 0))
     # sigma2 and the threshold stay normalized (the host rescales them in
     # float64, see _per_mode); rank -1 marks a non-finite matrix.
     return (jnp.where(finite, res.rank, -1), res.sigma2, res.threshold,
             jnp.where(finite, _ldexp(gamma, e), jnp.nan), e,
-            finite & unsure)
+            redo.astype(jnp.int8))
 
   return {dtype: jax.vmap(solve)(*args) for dtype, args in spectra.items()}
 
 
-def _run(plan, all_layers, method):
-  """``(per_mode, unsure)`` of the planned layers from two compiled calls.
+def _run(plan, all_layers, method, *, prescale):
+  """``(per_mode, redo)`` of the planned layers from two compiled calls.
 
-  The spectra program runs asynchronously, so the solve's program is traced
-  and compiled while it runs.
+  The solve's program is compiled in a second thread from the spectra's
+  output shapes while this one lowers, compiles and runs the spectra
+  (XLA compiles outside the GIL; on 2 cores the first ResNet-50 call
+  took 3.4 s -> 2.5 s next to a training run, the solve's compilation
+  having been the longest step, after the spectra's).
   """
   sources, kinds, groups = _program_inputs(plan, all_layers)
   devices = {d for x in jax.tree.leaves(sources)
              for d in getattr(x, 'devices', lambda: ())()}
   platforms = {d.platform for d in devices} or {jax.default_backend()}
-  spectra_program = _network_spectra[
-      'cpu' if platforms == {'cpu'} else None]
-  # _eigvalsh reads the switch while tracing; passing it as a static
-  # argument gives each setting its own compiled program.
-  spectra = spectra_program(sources, kinds, groups, method,
-                            lapack=linalg._LAPACK['on'])
+  program = _network_spectra['cpu' if platforms == {'cpu'} else None]
+  # _gram_eigenvalues reads the switch while tracing; as a static argument
+  # it gives each setting its own compiled program.
+  static = dict(kinds=kinds, groups=groups, method=method, prescale=prescale,
+                lapack=linalg._LAPACK['on'])
+  shapes = program.trace(sources, **static).out_info  # jit keeps the trace
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    # Lowering and compiling fill _network_solve's cache for the call below.
+    solve = pool.submit(lambda: _network_solve.lower(shapes, method).compile())
+    spectra = program(sources, **static)
+    solve.result()
   out = jax.device_get(_network_solve(spectra, method))
   return _per_mode(out, groups, plan)
 
@@ -390,34 +495,37 @@ def _program_inputs(plan, all_layers):
 
 
 def _per_mode(out, groups, plan) -> tuple[dict[tuple[int, int], tuple],
-                                         set[tuple[int, int]]]:
+                                         dict[tuple[int, int], int]]:
   """``{(layer, mode): (rank, sigma2, threshold, gamma)}`` on the host, and
-  the ``(layer, mode)`` keys that ``'auto'`` must redo with the SVD.
+  ``{(layer, mode): redo code}`` of the matrices to redo.
 
   Raises:
     ValueError: a matrix came out non-finite (rank -1) although its layer's
       variables are finite.
   """
-  per_mode, row, unsure = {}, {}, set()
+  per_mode, row, redo = {}, {}, {}
   for (big_l, _, dtype), members in groups:
-    rank, sigma2, thr, gamma, e, redo = out[dtype]
+    rank, sigma2, thr, gamma, e, again = out[dtype]
     for i, m in members:
       j = row.setdefault(dtype, 0)
       row[dtype] += 1
       if rank[j] < 0:
-        layer = plan[i]
-        rows, cols = layer.matrices[m]
-        raise ValueError(
-            f'layer {layer.path!r}: its {rows} x {cols} matrix of mode '
-            f'{layer.modes[m]!r} has non-finite (NaN or Inf) entries although '
-            f'the layer\'s variables are finite: building it from the '
-            f'{layer.form!r} form ({layer.source}) overflowed {dtype}')
+        _raise_non_finite(plan[i], m, dtype)
       # Rescaled in float64: exact for every float32 layer, where the
       # device's float32 sigma2 may over- or underflow (see evbmf).
       per_mode[(i, m)] = (int(rank[j]), _host_ldexp(float(sigma2[j]),
                                                     2 * int(e[j])),
                           _host_ldexp(float(thr[j]), int(e[j])),
                           np.asarray(gamma[j, :big_l]))
-      if redo[j]:
-        unsure.add((i, m))
-  return per_mode, unsure
+      if again[j]:
+        redo[(i, m)] = int(again[j])
+  return per_mode, redo
+
+
+def _raise_non_finite(layer, m, dtype):
+  rows, cols = layer.matrices[m]
+  raise ValueError(
+      f'layer {layer.path!r}: its {rows} x {cols} matrix of mode '
+      f'{layer.modes[m]!r} has non-finite (NaN or Inf) entries although '
+      f'the layer\'s variables are finite: building it from the '
+      f'{layer.form!r} form ({layer.source}) overflowed {dtype}')

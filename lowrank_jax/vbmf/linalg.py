@@ -2,10 +2,11 @@
 
 * :func:`_squared_singular_values`: gamma_h^2 of a matrix by the Gram route
   (eigenvalues of ``Y Y^T``) or the SVD (the ``method`` of :func:`evbmf`).
-* :func:`_eigvalsh`: eigenvalues without eigenvectors; by default
-  ``jnp.linalg.eigvalsh``, or jaxlib's CPU LAPACK ``?syevd`` in mode 'N'
-  after :func:`use_lapack_eigenvalues` (opt-in; the one switch is
-  ``_LAPACK``, read while tracing).
+* :func:`_gram_eigenvalues`: eigenvalues of a Gram matrix without
+  eigenvectors; by default its singular values (``?gesdd``, jobz='N'), or
+  jaxlib's CPU LAPACK ``?syevd`` in mode 'N' after
+  :func:`use_lapack_eigenvalues` (opt-in; the one switch is ``_LAPACK``,
+  read while tracing).
 * :func:`_pow2`, :func:`_ldexp`, :func:`_host_ldexp`: exact scaling by powers
   of two (device and host), so that the solve neither under- nor overflows.
 """
@@ -51,9 +52,10 @@ _LAPACK = {'on': False}
 def use_lapack_eigenvalues(enabled: bool = True) -> bool:
   """Opts in to (or out of) jaxlib's CPU LAPACK eigenvalue-only call.
 
-  ``jnp.linalg.eigvalsh`` computes eigenvectors too; LAPACK ``?syevd`` in
-  mode 'N' skips them, which made a whole ResNet-50 ``vbmf_ranks`` about
-  17% faster on CPU (0.92 s -> 0.76 s, docs/benchmarks_vbmf.md). The call
+  LAPACK ``?syevd`` in mode 'N' computes eigenvalues only, a little faster
+  than the default, the singular values of the Gram matrix (``?gesdd``,
+  jobz='N'): the ResNet-50 spectra program of bench/bench_vbmf.py ran
+  13% faster (1.25 s -> 1.08 s on 2 cores shared with a training run). The call
   goes through a target that is private to jaxlib (``jax._src.lib.lapack``),
   so it is off by default and, when asked for, used only after a self-check
   on a matrix with known eigenvalues; a jaxlib that changed it keeps the
@@ -93,26 +95,29 @@ def _lapack_syevd_target(dtype_name: str) -> Optional[str]:
   return None
 
 
-def _eigvalsh(gram: jax.Array) -> jax.Array:
-  """Eigenvalues (ascending) of a symmetric matrix, without eigenvectors.
+def _gram_eigenvalues(gram: jax.Array) -> jax.Array:
+  """Eigenvalues of a symmetric PSD (Gram) matrix, largest first, no vectors.
 
-  ``jnp.linalg.eigvalsh`` runs LAPACK ``?syevd`` with eigenvectors on CPU
-  (its eigenvalue-only mode is not exposed), which costs about twice the
-  eigenvalues alone (512 x 512 float32: 24 ms vs 13 ms; whole ResNet-50
-  ``vbmf_ranks`` 0.92 s vs 0.76 s). With :func:`use_lapack_eigenvalues`
-  on, this calls jaxlib's own ``?syevd`` FFI target in mode 'N' on CPU
-  (after a self-check, see :func:`_lapack_syevd_target`); by default, on
-  other platforms, or if that private target is unusable, ``eigvalsh``. A
-  LAPACK failure (info != 0) gives NaN, as ``eigvalsh`` does.
+  By default its singular values, ``jax.lax.linalg.svd(compute_uv=False)``
+  (LAPACK ``?gesdd`` with jobz='N' on CPU): for a positive semidefinite
+  matrix they are the eigenvalues (a rounding-level negative eigenvalue
+  comes out as its absolute value, below the Gram route's cut either way).
+  ``jnp.linalg.eigvalsh`` runs ``?syevd`` *with* eigenvectors on CPU (its
+  eigenvalue-only mode is not exposed): on the ResNet-50 matrices of
+  bench/bench_vbmf.py the spectra program ran 10% faster with the SVD
+  (jax 0.10.2, 2 shared cores). With :func:`use_lapack_eigenvalues` on,
+  this calls jaxlib's own ``?syevd`` FFI target in mode 'N' on CPU (after a
+  self-check, see :func:`_lapack_syevd_target`; 13% faster again). A LAPACK
+  failure gives NaN.
   """
   def fallback(g):
-    return jnp.linalg.eigvalsh(g, symmetrize_input=False)
+    return jax.lax.linalg.svd(g, full_matrices=False, compute_uv=False)
 
   target = _lapack_syevd_target(gram.dtype.name) if _LAPACK['on'] else None
   if target is None or gram.ndim != 2:
     return fallback(gram)
   return jax.lax.platform_dependent(
-      gram, cpu=functools.partial(_syevd_values_call, target),
+      gram, cpu=lambda g: _syevd_values_call(target, g)[::-1],
       default=fallback)
 
 
@@ -129,7 +134,7 @@ def _squared_singular_values(y: jax.Array, method: str) -> jax.Array:
   """
   if method == 'gram':
     gram = jnp.matmul(y, y.T, precision=jax.lax.Precision.HIGHEST)
-    lam = _eigvalsh(gram)[::-1]
+    lam = _gram_eigenvalues(gram)
     # Eigenvalues below L * eps * lambda_max are rounding noise of the Gram
     # route (numerically zero singular values come out ~sqrt(eps) gamma_1).
     tol = y.shape[0] * jnp.finfo(lam.dtype).eps * lam[0]

@@ -121,8 +121,9 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   (jax.jit caches them per set of shapes and forms; the spectra program is
   compiled at XLA optimization level 0 on CPU, which halved its compile
   time, the solve with the default options, see
-  :mod:`lowrank_jax.vbmf.batched`): each (L, M) shape group forms its Gram
-  matrices in one batched product, the eigenproblems run per size bucket
+  :mod:`lowrank_jax.vbmf.batched`): each matrix's Gram matrix is formed
+  from its kernel (no copies of the unfoldings) and scaled by a power of
+  two, the eigenproblems (eigenvalues only) run per size bucket
   (Gram matrices zero-padded to 16, 24, 32, 48, 64, ...: the same
   eigenvalues plus zeros, see
   :func:`lowrank_jax.vbmf.batched._bucket_spectra`), and one vmapped
@@ -131,11 +132,13 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   all 70 ResNet-50 matrices to 1024 x 4608 would multiply the Gram / SVD
   work by about 20 (docs/benchmarks_vbmf.md), while 6 buckets instead of 15
   shape groups cut the compiled eigensolver loops, which dominated the first
-  call. Under ``'auto'``, the rare matrices whose spectrum spans more than
-  the Gram route resolves are redone with the SVD in a second call.
+  call. Matrices at extreme scales (or non-finite) are redone with
+  prescaled matrices, and under ``'auto'`` the rare matrices whose
+  spectrum spans more than the Gram route resolves with the SVD, each in a
+  second call.
 
-  The first call traces and compiles (seconds; the solve compiles while the
-  spectra run); later calls with the same shapes reuse the programs. To skip
+  The first call traces and compiles (seconds; the solve compiles in a
+  second thread while the spectra compile and run); later calls with the same shapes reuse the programs. To skip
   the compilation in later *processes* too, pass ``compilation_cache=DIR``:
   JAX's persistent compilation cache
   (https://docs.jax.dev/en/latest/persistent_compilation_cache.html) is then
