@@ -26,6 +26,7 @@ from lowrank_jax.forms import tucker2
 from lowrank_jax.vbmf import batched
 from lowrank_jax.vbmf import network
 from lowrank_jax.vbmf import solver
+from lowrank_jax.vbmf import spectra as spectra_program
 from lowrank_jax.models import get_model
 
 
@@ -701,7 +702,7 @@ def test_lapack_eigenvalue_path_is_opt_in_active_and_correct(resnet20):
                                         (24, 24), (25, 32), (100, 128),
                                         (147, 192), (512, 512), (513, 768)])
 def test_bucket_sizes(big_l, size):
-  assert batched._bucket(big_l) == size
+  assert spectra_program._bucket(big_l) == size
   assert big_l <= size <= max(16, 1.5 * big_l)
 
 
@@ -752,8 +753,8 @@ def test_network_programs_flag_a_non_finite_matrix(backend, method, value):
   kernel = np.array(all_layers['d1']['kernel'])
   kernel[3, 7] = value
   all_layers['d1'] = {'kernel': jnp.asarray(kernel)}
-  sources, kinds, groups = batched._program_inputs(plan, all_layers)
-  spectra = batched._network_spectra[backend](sources, kinds, groups, method,
+  sources, kinds, groups = spectra_program._program_inputs(plan, all_layers)
+  spectra = spectra_program._network_spectra[backend](sources, kinds, groups, method,
                                               prescale=True)
   rank, _, _, gamma, e, _ = batched._network_solve(spectra, method)['float32']
   order = [i for _, members in groups for i, _ in members]
@@ -777,10 +778,10 @@ def test_direct_grams_equal_the_prescaled_program_and_flag_extreme_scales():
                                           jnp.float32)}
   params['zero'] = {'kernel': jnp.zeros((20, 90), jnp.float32)}
   all_layers, plan = network._plan(params, None)
-  sources, kinds, groups = batched._program_inputs(plan, all_layers)
+  sources, kinds, groups = spectra_program._program_inputs(plan, all_layers)
 
   def spectra(prescale):
-    out = batched._network_spectra['cpu'](sources, kinds, groups, 'gram',
+    out = spectra_program._network_spectra['cpu'](sources, kinds, groups, 'gram',
                                           prescale=prescale)['float32']
     lam = np.asarray(out[0]) * np.exp2(2.0 * np.asarray(out[3]))[:, None]
     return lam, np.asarray(out[5])
@@ -803,7 +804,7 @@ def test_bucketed_spectra_equal_unpadded_eigenvalues():
   grams = [y @ y.T for y in ys]
   padded = jnp.stack([np.pad(g, ((0, 24 - len(g)), (0, 24 - len(g))))
                       for g in grams])
-  lam = batched._bucket_spectra(padded, jnp.asarray([[20.], [21.], [24.]]))
+  lam = spectra_program._bucket_spectra(padded, jnp.asarray([[20.], [21.], [24.]]))
   for row, g in zip(np.asarray(lam), grams):
     big_l = len(g)
     want = np.linalg.eigvalsh(g.astype(np.float64))[::-1]

@@ -27,9 +27,10 @@ Modules:
   which matrices each layer contributes, unfoldings, cores, minimum ranks;
   the weakened, clamped ranks).
 * :mod:`~lowrank_jax.vbmf.batched`: EVBMF of all the planned matrices in one
-  call of two compiled programs (size buckets, zero-padded Gram matrices,
-  the prescaled and ``'auto'`` SVD redos, the opt-in persistent
-  compilation cache).
+  call of two compiled programs (the prescaled and ``'auto'`` SVD redos,
+  the opt-in persistent compilation cache).
+* :mod:`~lowrank_jax.vbmf.spectra`: the first of them, the spectra program
+  (Gram matrices from the kernels, size buckets, zero padding).
 
 References:
   Nakajima, Sugiyama, Babacan, Tomioka, Global Analytic Solution of
@@ -51,7 +52,8 @@ from lowrank_jax.vbmf.weaken import (DEFAULT_MIN_RANK_1X1,
 # backends) and _network_solve the jitted solve, with their caches).
 from lowrank_jax.vbmf.linalg import (_gram_eigenvalues, _LAPACK,
                                      _squared_singular_values)
-from lowrank_jax.vbmf.batched import _network_solve, _network_spectra
+from lowrank_jax.vbmf.batched import _network_solve
+from lowrank_jax.vbmf.spectra import _network_spectra
 from lowrank_jax.vbmf.solver import _evbmf_matrix
 
 __all__ = ['EVBMFResult', 'evbmf', 'vbmf_ranks', 'weakened_rank']

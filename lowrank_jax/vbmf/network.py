@@ -55,7 +55,7 @@ def _source(form: str, variables: Mapping) -> tuple[str, tuple, Any]:
     return ('kernel', tuple(variables['kernel'].shape),
             variables['kernel'].dtype)
   if form == 'svd':
-    # The R x R core of u @ v (batched._svd_core): its singular values are
+    # The R x R core of u @ v (spectra._svd_core): its singular values are
     # the product's nonzero ones, without the round-off of its null space,
     # which EVBMF would otherwise read as signal against a tiny noise floor.
     rank = variables['v'].shape[0]
@@ -126,7 +126,7 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   two, the eigenproblems (eigenvalues only) run per size bucket
   (Gram matrices zero-padded to 16, 24, 32, 48, 64, ...: the same
   eigenvalues plus zeros, see
-  :func:`lowrank_jax.vbmf.batched._bucket_spectra`), and one vmapped
+  :func:`lowrank_jax.vbmf.spectra._bucket_spectra`), and one vmapped
   EVBMF solve takes every matrix. Padding only the L x L Gram matrices to a
   few sizes, not the matrices to one common size, keeps the work: padding
   all 70 ResNet-50 matrices to 1024 x 4608 would multiply the Gram / SVD
