@@ -16,6 +16,15 @@ runs only the ADTN side of the fc2 row once per ``fit_steps:noise`` pair
 (into runs/adtn/sweep, a finished run is read back, not redone) and records
 the comparison under ``"_fit_sweep"`` in docs/results_adtn.json; FIT_STEPS
 and FIT_NOISE below are the best of it.
+
+  python bench/results_adtn.py --depth-sweep 8 16 32 [--models fc2]
+                               [--train-epochs 8]
+
+runs the whole row (ADTN and SVD at its budget) once per depth M (into
+runs/adtn/depth/<model>_M<M>[_e<epochs>]_s<seed>; a finished ADTN run is read
+back, its SVD side redone) and records the rows under ``"_depth_sweep"`` in
+docs/results_adtn.json; the other rows are left as they are. Without
+``--models`` the sweep runs fc2 only.
 """
 
 from __future__ import annotations
@@ -105,13 +114,18 @@ def _record(key, value):
     json.dump(results, f, indent=1)
 
 
-def row_overrides(key, seed, **fit):
-  """The train.py config fields of one row; ``fit`` overrides FIT_*."""
+def row_overrides(key, seed, *, depth=None, train_epochs=None, **fit):
+  """The train.py config fields of one row.
+
+  ``depth`` and ``train_epochs`` (None: the row's SETTINGS) are the depth
+  sweep's; ``fit`` overrides FIT_*.
+  """
   s = SETTINGS[key]
   overrides = {'pipeline': 'adtn', 'seed': seed,
                'num_epochs': s['num_epochs'], 'adtn.select': s['select'],
-               'adtn.depth': s['depth'],
-               'finetune.num_epochs': s['train_epochs'],
+               'adtn.depth': s['depth'] if depth is None else depth,
+               'finetune.num_epochs': (s['train_epochs'] if train_epochs is None
+                                       else train_epochs),
                'finetune.learning_rate': s.get('train_lr', 0.003),
                # The initial fit (see FIT_STEPS), rescaled to the
                # kernel's norm: with the least-squares scale instead
@@ -132,17 +146,30 @@ def row_overrides(key, seed, **fit):
   return overrides
 
 
+def _finished(report_path):
+  """Whether a train.py report exists and holds the last stage, 'train'.
+
+  train.py rewrites report.json after each stage, so an interrupted (or
+  still running) run has one without it.
+  """
+  if not os.path.exists(report_path):
+    return False
+  with open(report_path) as f:
+    return any(st['name'] == 'train' for st in json.load(f)['stages'])
+
+
 def run_train(model_name, workdir, overrides, *, reuse=False):
   """Runs train.py (log: ``<workdir>.log``); returns (command, report).
 
-  With ``reuse``, a workdir whose report.json exists is read back instead.
+  With ``reuse``, a workdir whose report.json holds the finished 'train'
+  stage is read back instead.
   """
   cmd = [sys.executable, 'train.py', f'--config=configs/{model_name}.py',
          f'--workdir={workdir}'] + [f'--config.{k}={v}'
                                     for k, v in overrides.items()]
   shown = ' '.join(shlex.quote(a) for a in ['python'] + cmd[1:])
   report_path = os.path.join(workdir, 'report.json')
-  if not (reuse and os.path.exists(report_path)):
+  if not (reuse and _finished(report_path)):
     print('$', shown, flush=True)
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
     with open(workdir + '.log', 'w') as log:
@@ -174,9 +201,158 @@ def fit_sweep(pairs, *, seed, root):
   _record('_fit_sweep', {'model': 'fc2', 'runs': rows})
 
 
+def svd_budget_ranks(encoded, layers, *, share=False):
+  """SVD ranks whose factors are not below the ADTN's parameters.
+
+  Args:
+    encoded: ``{path: encode action}`` of the row's report (``params_after``:
+      the ADTN's gates + scale, bias excluded; with ``share`` the group's
+      network counts at its first member).
+    layers: ``{path: variables}`` of the baseline (dense kernels ``(in, out)``).
+    share: one rank for the whole group (one shared ADTN).
+
+  Returns:
+    ``{path: rank}``: per layer the smallest ``r`` with ``r (rows + cols) >=
+    params_after``; with ``share`` the smallest common ``r`` with ``r *
+    sum_l (rows_l + cols_l) >=`` the network's parameters.
+  """
+  if share:
+    adtn_params = sum(d['params_after'] for d in encoded.values())
+    sides = sum(sum(layers[p]['kernel'].shape) for p in encoded)
+    r = max(1, math.ceil(adtn_params / sides))
+    return {p: r for p in encoded}
+  # Both sides without the bias, which neither form changes. (Rows recorded
+  # before this function subtracted the bias from params_after, which does
+  # not hold it: fc2's rank 1 had 1,040 factor entries against 1,089.)
+  return {p: max(1, math.ceil(d['params_after'] /
+                              sum(layers[p]['kernel'].shape)))
+          for p, d in encoded.items()}
+
+
+def run_row(key, seed, workdir, overrides, *, reuse=False, old=None):
+  """One row: the ADTN run (train.py) and SVD at its budget; returns it.
+
+  Args:
+    key: a SETTINGS key.
+    seed: the run's seed (already in ``overrides``).
+    workdir: the ADTN run's workdir; the SVD side trains in ``workdir_svd``.
+    overrides: ``row_overrides(...)``.
+    reuse: read back a finished ADTN run; keep the SVD side of ``old`` when
+      its baseline, ranks and training match.
+    old: the previously recorded row (for ``reuse``).
+  """
+  import lowrank_jax as lj
+  from lowrank_jax import tree
+  from lowrank_jax.train import checkpoint, jobs, loop, pipelines
+  import importlib
+
+  s = SETTINGS[key]
+  model_name = s.get('model', key)
+  shown, report = run_train(model_name, workdir, overrides, reuse=reuse)
+  stages = {st['name']: st for st in report['stages']}
+  encoded = {p: d['encode'] for p, d in report['layers'].items()
+             if d.get('encode', {}).get('action') == 'split'}
+  # With share the group's network counts at its first member.
+  adtn_params = sum(d['params_after'] for d in encoded.values())
+  dense_params = sum(d['params_before'] for d in encoded.values())
+
+  # SVD at the same budget, same baseline, same fine-tuning.
+  config = importlib.import_module(f'configs.{model_name}').get_config()
+  apply_overrides(config, overrides)
+  base = checkpoint.load_variables(os.path.join(workdir, 'stages',
+                                                'baseline'))
+  layers = tree.layers(base['params'])
+  ranks = svd_budget_ranks(encoded, layers, share=bool(s.get('share')))
+  svd = lj.svd_split(base, ranks)
+  counts = lj.count_params(svd, report=True)[1]
+  svd_params = sum(counts[p] for p in ranks)
+  bias = sum(layers[p]['bias'].size for p in ranks if 'bias' in layers[p])
+  dataset = loop.load_dataset(config)
+  model = lj.get_model(model_name, num_classes=dataset.num_classes)
+  t0 = time.time()
+  old = old or {}
+  # The SVD side depends on the baseline, the ranks and the training, not
+  # on the ADTN fit: with reuse it is kept from the previous row when
+  # those match.
+  svd_reused = (reuse and old.get('svd_ranks') == ranks and
+                old.get('baseline_acc') ==
+                stages['baseline']['test']['accuracy'] and
+                _training_fields(old.get('command', '')) ==
+                _training_fields(shown))
+  if svd_reused:
+    svd_before = old['svd_after_split_acc']
+    svd_after = old['svd_final_acc']
+  else:
+    svd_before = jobs.evaluate_variables(model, svd, dataset)['accuracy']
+    state, _ = loop.train(pipelines.finetune_config(config),
+                          workdir + '_svd', dataset=dataset,
+                          variables=svd, stage_name='svd_finetune',
+                          model=model)
+    svd_after = jobs.evaluate_variables(model, state.variables,
+                                        dataset)['accuracy']
+  return {
+      'model': model_name, 'key': key, 'seed': seed, 'command': shown,
+      'layers': sorted(encoded), 'depth': overrides['adtn.depth'],
+      'train_epochs': overrides['finetune.num_epochs'],
+      'shared': bool(s.get('share')),
+      'dense_params': dense_params, 'adtn_params': adtn_params,
+      'rel_error': {p: d['rel_error'] for p, d in encoded.items()},
+      'fit_error': {p: d.get('fit_error') for p, d in encoded.items()},
+      'baseline_acc': stages['baseline']['test']['accuracy'],
+      'adtn_after_encode_acc': stages['encode']['test']['accuracy'],
+      'adtn_final_acc': stages['train']['test']['accuracy'],
+      'decode_s_per_step': stages['encode'].get('decode_s_per_step'),
+      'model_params_before': stages['baseline']['params'],
+      'model_params_after': stages['train']['params'],
+      # svd_params: the SVD layers with their biases (as count_params
+      # reports them); svd_factor_params: without, like adtn_params.
+      'svd_ranks': ranks, 'svd_params': svd_params,
+      'svd_factor_params': svd_params - bias,
+      'svd_after_split_acc': svd_before, 'svd_final_acc': svd_after,
+      'svd_reused': bool(svd_reused),
+      # train.py's stages (read back with reuse) + the SVD side here.
+      'adtn_train_s': stages['train'].get('wall_s'),
+      'run_s': (sum(st.get('wall_s', 0) for st in report['stages'])
+                + time.time() - t0),
+  }
+
+
+def depth_workdir(root, key, depth, seed, train_epochs=None):
+  """``<root>/depth/<key>_M<depth>[_e<train_epochs>]_s<seed>``."""
+  epochs = '' if train_epochs is None else f'_e{train_epochs}'
+  return os.path.join(root, 'depth', f'{key}_M{depth}{epochs}_s{seed}')
+
+
+def merge_sweep_row(runs, row):
+  """``runs`` with ``row`` replacing the one of its key, depth and epochs."""
+  same = lambda x: ((x['key'], x['depth'], x.get('train_epochs'), x['seed'])
+                    == (row['key'], row['depth'], row.get('train_epochs'),
+                        row['seed']))
+  return [x for x in runs if not same(x)] + [row]
+
+
+def depth_sweep(keys, depths, *, seed, root, train_epochs=None):
+  """Whole rows (ADTN + SVD) per depth; into ``"_depth_sweep"``."""
+  for key in keys:
+    for depth in depths:
+      workdir = depth_workdir(root, key, depth, seed, train_epochs)
+      overrides = row_overrides(key, seed, depth=depth,
+                                train_epochs=train_epochs)
+      row = run_row(key, seed, workdir, overrides, reuse=True)
+      print(json.dumps(row), flush=True)
+      results = {}
+      if os.path.exists(RESULTS_JSON):
+        with open(RESULTS_JSON) as f:
+          results = json.load(f)
+      runs = results.get('_depth_sweep', {}).get('runs', [])
+      _record('_depth_sweep', {'runs': merge_sweep_row(runs, row)})
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', nargs='+', default=list(SETTINGS))
+  parser.add_argument('--models', nargs='+', choices=list(SETTINGS),
+                      help='rows to run (default: all; fc2 for '
+                           '--depth-sweep)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--root', default=os.path.join(ROOT, 'runs', 'adtn'))
   parser.add_argument('--reuse', action='store_true',
@@ -185,100 +361,34 @@ def main():
                            'baseline, ranks and training match')
   parser.add_argument('--fit-sweep', nargs='+', metavar='STEPS:NOISE',
                       help='only compare initial fits on fc2 (see above)')
+  parser.add_argument('--depth-sweep', nargs='+', type=int, metavar='M',
+                      help='whole rows at these ADTN depths (see above)')
+  parser.add_argument('--train-epochs', type=int,
+                      help='end-to-end epochs of the depth sweep (default: '
+                           "the row's)")
   args = parser.parse_args()
+  if args.train_epochs is not None and not args.depth_sweep:
+    parser.error('--train-epochs is an option of --depth-sweep')
 
-  import jax
-  import lowrank_jax as lj
-  from lowrank_jax import tree
-  from lowrank_jax.train import checkpoint, jobs, loop, pipelines
   from configs import default  # noqa: F401  (configs importable)
-  import importlib
 
+  if args.fit_sweep:
+    fit_sweep(args.fit_sweep, seed=args.seed, root=args.root)
+    return
+  if args.depth_sweep:
+    depth_sweep(args.models or ['fc2'], args.depth_sweep, seed=args.seed,
+                root=args.root, train_epochs=args.train_epochs)
+    return
   results = {}
   if os.path.exists(RESULTS_JSON):
     with open(RESULTS_JSON) as f:
       results = json.load(f)
-  if args.fit_sweep:
-    fit_sweep(args.fit_sweep, seed=args.seed, root=args.root)
-    return
-  for key in args.models:
-    s = SETTINGS[key]
-    model_name = s.get('model', key)
+  for key in args.models or list(SETTINGS):
     workdir = os.path.join(args.root, f'{key}_adtn_s{args.seed}')
     # One set of config fields for the run and for the SVD comparison.
     overrides = row_overrides(key, args.seed)
-    shown, report = run_train(model_name, workdir, overrides,
-                              reuse=args.reuse)
-    stages = {st['name']: st for st in report['stages']}
-    encoded = {p: d['encode'] for p, d in report['layers'].items()
-               if d.get('encode', {}).get('action') == 'split'}
-    adtn_params = sum(d['params_after'] for d in encoded.values())
-    dense_params = sum(d['params_before'] for d in encoded.values())
-
-    # SVD at the same budget, same baseline, same fine-tuning.
-    config = importlib.import_module(f'configs.{model_name}').get_config()
-    apply_overrides(config, overrides)
-    base = checkpoint.load_variables(os.path.join(workdir, 'stages',
-                                                  'baseline'))
-    layers = tree.layers(base['params'])
-    ranks = {}
-    if s.get('share'):
-      # One budget for the group: the same rank r for every member, the
-      # smallest with sum_l r (rows_l + cols_l) >= the ADTN's parameters.
-      sides = sum(sum(layers[p]['kernel'].shape) for p in encoded)
-      r = max(1, math.ceil(adtn_params / sides))
-      ranks = {p: r for p in encoded}
-    else:
-      for p, d in encoded.items():
-        rows, cols = layers[p]['kernel'].shape
-        bias = layers[p]['bias'].size if 'bias' in layers[p] else 0
-        ranks[p] = max(1, math.ceil((d['params_after'] - bias) /
-                                    (rows + cols)))
-    svd = lj.svd_split(base, ranks)
-    svd_params = sum(lj.count_params(svd, report=True)[1][p] for p in ranks)
-    dataset = loop.load_dataset(config)
-    model = lj.get_model(model_name, num_classes=dataset.num_classes)
-    t0 = time.time()
-    old = results.get(key, {})
-    # The SVD side depends on the baseline, the ranks and the training, not
-    # on the ADTN fit: with --reuse it is kept from the previous row when
-    # those match.
-    svd_reused = (args.reuse and old.get('svd_ranks') == ranks and
-                  old.get('baseline_acc') ==
-                  stages['baseline']['test']['accuracy'] and
-                  _training_fields(old.get('command', '')) ==
-                  _training_fields(shown))
-    if svd_reused:
-      svd_before = old['svd_after_split_acc']
-      svd_after = old['svd_final_acc']
-    else:
-      svd_before = jobs.evaluate_variables(model, svd, dataset)['accuracy']
-      state, _ = loop.train(pipelines.finetune_config(config),
-                            workdir + '_svd', dataset=dataset,
-                            variables=svd, stage_name='svd_finetune',
-                            model=model)
-      svd_after = jobs.evaluate_variables(model, state.variables,
-                                          dataset)['accuracy']
-    row = {
-        'model': model_name, 'key': key, 'command': shown,
-        'layers': sorted(encoded), 'depth': s['depth'],
-        'shared': bool(s.get('share')),
-        'dense_params': dense_params, 'adtn_params': adtn_params,
-        'rel_error': {p: d['rel_error'] for p, d in encoded.items()},
-        'fit_error': {p: d.get('fit_error') for p, d in encoded.items()},
-        'baseline_acc': stages['baseline']['test']['accuracy'],
-        'adtn_after_encode_acc': stages['encode']['test']['accuracy'],
-        'adtn_final_acc': stages['train']['test']['accuracy'],
-        'decode_s_per_step': stages['encode'].get('decode_s_per_step'),
-        'model_params_before': stages['baseline']['params'],
-        'model_params_after': stages['train']['params'],
-        'svd_ranks': ranks, 'svd_params': svd_params,
-        'svd_after_split_acc': svd_before, 'svd_final_acc': svd_after,
-        'svd_reused': bool(svd_reused),
-        # train.py's stages (read back with --reuse) + the SVD side here.
-        'run_s': (sum(st.get('wall_s', 0) for st in report['stages'])
-                  + time.time() - t0),
-    }
+    row = run_row(key, args.seed, workdir, overrides, reuse=args.reuse,
+                  old=results.get(key))
     print(json.dumps(row), flush=True)
     _record(key, row)
 

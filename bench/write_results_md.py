@@ -153,6 +153,100 @@ def _gpu_sections(rows):
   return out
 
 
+def adtn_depth_sweep(sweep, rows=None):
+  """Lines of the ADTN depth sweep (``"_depth_sweep"`` of results_adtn.json).
+
+  One table row per run (model, depth M, end-to-end epochs), with the rows of
+  the main table (``rows``: ``{key: row}``) of the swept models as references,
+  then per model whether an ADTN came within 0.5 points of its baseline, and
+  the commands.
+  """
+  swept = sweep['runs']
+  refs = [dict(r, key=key, reference=True, train_epochs=r.get(
+              'train_epochs', adtn_settings.SETTINGS[key]['train_epochs']))
+          for key, r in (rows or {}).items()
+          if key in {x['key'] for x in swept}]
+  runs = sorted(swept + refs, key=lambda x: (x['key'], x['train_epochs'],
+                                             x['depth']))
+  if not swept:
+    return []
+  out = ['', '### More capacity: ADTN depth and training length', '',
+         'Do the ADTN rows come within 0.5 points of their baselines with '
+         'more capacity? Whole rows (ADTN and SVD at its budget, same '
+         'baseline, initial fit and learning rate as the rows above) at '
+         'larger depths M or with more end-to-end epochs (one seed each); '
+         'parameters of the encoded layers without their biases (which '
+         'neither form changes), SVD at the smallest rank whose factors are '
+         'not below the ADTN\'s. Gap: baseline minus ADTN after training, '
+         'in points. "row above": the model\'s row of the first ADTN table.',
+         '',
+         '| model | M | epochs | ADTN params (dense) | baseline | ADTN after '
+         'encoding → after training | gap | SVD rank (params) | SVD after '
+         'split → after training | ADTN training time |',
+         '|---|---|---|---|---|---|---|---|---|---|']
+  for x in runs:
+    gap = 100 * (x['baseline_acc'] - x['adtn_final_acc'])
+    ranks = '/'.join(str(r) for r in x['svd_ranks'].values())
+    train_s = x.get('adtn_train_s')
+    factors = x.get('svd_factor_params')
+    out.append(
+        f'| {x["key"]}{" (row above)" if x.get("reference") else ""} | '
+        f'{x["depth"]} | {x["train_epochs"]} | '
+        f'{x["adtn_params"]:,} ({x["dense_params"]:,}) | '
+        f'{_pct([x["baseline_acc"]])} | '
+        f'{_pct([x["adtn_after_encode_acc"]])} → '
+        f'**{_pct([x["adtn_final_acc"]])}** | {gap:.2f} | '
+        f'{ranks} ({"–" if factors is None else f"{factors:,}"}) | '
+        f'{_pct([x["svd_after_split_acc"]])} → '
+        f'**{_pct([x["svd_final_acc"]])}** | '
+        + (f'{train_s:.0f} s' if train_s is not None else '–') + ' |')
+  for key in sorted({x['key'] for x in runs}):
+    mine = [x for x in runs if x['key'] == key]
+    gaps = {id(x): 100 * (x['baseline_acc'] - x['adtn_final_acc'])
+            for x in mine}
+    met = [x for x in mine if gaps[id(x)] <= 0.5]
+    best = min(mine, key=lambda x: gaps[id(x)])
+    if met:
+      x = min(met, key=lambda x: x['adtn_params'])
+      verdict = (f'within 0.5 points of its baseline at M={x["depth"]} '
+                 f'({x["train_epochs"]} epochs): {_pct([x["adtn_final_acc"]])}'
+                 f'% against {_pct([x["baseline_acc"]])}% with '
+                 f'{x["adtn_params"]:,} parameters for '
+                 f'{x["dense_params"]:,} dense weights')
+    else:
+      verdict = (f'*not* within 0.5 points of its baseline in any run ('
+                 + ', '.join(f'M={x["depth"]} {x["train_epochs"]} epochs'
+                             for x in mine) + '); '
+                 f'closest M={best["depth"]} ({best["train_epochs"]} epochs):'
+                 f' {_pct([best["adtn_final_acc"]])}% against '
+                 f'{_pct([best["baseline_acc"]])}%, '
+                 f'{gaps[id(best)]:.2f} points below, with '
+                 f'{best["adtn_params"]:,} parameters for '
+                 f'{best["dense_params"]:,} dense weights')
+    svd_best = max(mine, key=lambda x: x['svd_final_acc'])
+    out += ['', f'{key}: ADTN {verdict}. SVD at the same budgets: best '
+            f'{_pct([svd_best["svd_final_acc"]])}% (rank '
+            f'{"/".join(str(r) for r in svd_best["svd_ranks"].values())}'
+            + (f', {svd_best["svd_factor_params"]:,} parameters'
+               if svd_best.get('svd_factor_params') else '') + ').']
+  commands = {}
+  for x in swept:
+    extra = ('' if x['train_epochs'] == adtn_settings.SETTINGS[x['key']]
+             ['train_epochs'] else f' --train-epochs {x["train_epochs"]}')
+    commands.setdefault((x['key'], extra), []).append(str(x['depth']))
+  out += ['', 'Made by ' + '; '.join(
+      f'`python bench/results_adtn.py --depth-sweep {" ".join(d)} '
+      f'--models {key}{extra}`' for (key, extra), d in commands.items())
+      + '. Runs:', '']
+  for x in sorted(swept, key=lambda x: (x['key'], x['train_epochs'],
+                                       x['depth'])):
+    svd = ('SVD side kept from the previous run' if x.get('svd_reused')
+           else 'then the SVD side')
+    out.append(f'* `{x["key"]}` M={x["depth"]}, {x["train_epochs"]} epochs '
+               f'({x["run_s"]:.0f} s, {svd}): `{_portable(x["command"])}`')
+  return out
+
+
 def main():
   with open(os.path.join(DOCS, 'results.json')) as f:
     rows = json.load(f)
@@ -247,6 +341,7 @@ def main():
             '|---|---|---|---|---|---|---|---|']
     sweep = adtn.pop('_fit_sweep', None)
     others = adtn.pop('_other_fits', [])
+    depth_sweep = adtn.pop('_depth_sweep', None)
     def label(m, r):   # rows without a fit_error predate the current fit
       return m if 'fit_error' in r else f'{m} (earlier code)'
     for m, r in adtn.items():
@@ -357,6 +452,8 @@ def main():
       out.append(f'* `{m}` ({r["run_s"]:.0f} s, {svd}, `python '
                  f'bench/results_adtn.py --models {m}`): '
                  f'`{_portable(r["command"])}`')
+    if depth_sweep:
+      out += adtn_depth_sweep(depth_sweep, adtn)
   path = os.path.join(DOCS, 'results.md')
   with open(path, 'w') as f:
     f.write('\n'.join(out) + '\n')

@@ -241,3 +241,100 @@ def test_section_writes_the_frontier_png_and_tables(tmp_path):
   assert 'he2024_ft10 at the 4× target' in text   # the best at >= 4x
   assert results_rows.row_name('vgg7b', 'direct_uniform@evbmf', 0, {})[1] == (
       'vgg7b_direct_uniform_evbmf_s0')
+
+
+# bench/results_adtn.py: the depth sweep.
+import results_adtn  # pylint: disable=g-import-not-at-top,wrong-import-position
+import write_results_md  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_adtn_depth_and_epochs_change_only_their_fields():
+  row = results_adtn.row_overrides('fc2', 0)
+  swept = results_adtn.row_overrides('fc2', 0, depth=16, train_epochs=8)
+  assert row['adtn.depth'] == results_adtn.SETTINGS['fc2']['depth']
+  assert (swept['adtn.depth'], swept['finetune.num_epochs']) == (16, 8)
+  assert {k: v for k, v in swept.items()
+          if k not in ('adtn.depth', 'finetune.num_epochs')} == {
+              k: v for k, v in row.items()
+              if k not in ('adtn.depth', 'finetune.num_epochs')}
+  assert results_adtn.depth_workdir('r', 'fc2', 16, 0) == os.path.join(
+      'r', 'depth', 'fc2_M16_s0')
+  assert results_adtn.depth_workdir('r', 'fc2', 16, 1, 8) == os.path.join(
+      'r', 'depth', 'fc2_M16_e8_s1')
+
+
+@pytest.mark.parametrize('params_after,rank', [(1089, 2), (1040, 1),
+                                               (4353, 5), (8705, 9)])
+def test_adtn_svd_rank_is_the_smallest_not_below_the_adtn(params_after, rank):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  layers = {'fc1': {'kernel': np.zeros((784, 256)), 'bias': np.zeros(256)}}
+  encoded = {'fc1': {'params_after': params_after}}
+  ranks = results_adtn.svd_budget_ranks(encoded, layers)
+  assert ranks == {'fc1': rank}
+  assert rank * 1040 >= params_after > (rank - 1) * 1040 or rank == 1
+
+
+def test_adtn_svd_rank_of_a_shared_group_is_one_for_all():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  layers = {'fc1': {'kernel': np.zeros((400, 120))},
+            'fc2': {'kernel': np.zeros((120, 84))}}
+  encoded = {'fc1': {'params_after': 962}, 'fc2': {'params_after': 1}}
+  # 963 parameters over 520 + 204 = 724 per rank: rank 2.
+  assert results_adtn.svd_budget_ranks(encoded, layers, share=True) == {
+      'fc1': 2, 'fc2': 2}
+
+
+def sweep_row(depth, final, *, epochs=4, key='fc2', base=0.8859):
+  return {'key': key, 'model': key, 'seed': 0, 'depth': depth,
+          'train_epochs': epochs, 'command': f'python train.py M={depth}',
+          'dense_params': 200704, 'adtn_params': 16 * 17 * depth + 1,
+          'baseline_acc': base, 'adtn_after_encode_acc': 0.1,
+          'adtn_final_acc': final, 'svd_ranks': {'fc1': depth // 2},
+          'svd_factor_params': 1040 * (depth // 2), 'svd_after_split_acc': 0.2,
+          'svd_final_acc': 0.87, 'svd_reused': False, 'adtn_train_s': 600.0,
+          'run_s': 700.0}
+
+
+def test_adtn_depth_sweep_records_rows_and_keeps_the_others(tmp_path,
+                                                            monkeypatch):
+  path = tmp_path / 'results_adtn.json'
+  path.write_text(json.dumps({'fc2': {'depth': 4}, '_depth_sweep': {
+      'runs': [sweep_row(8, 0.5), sweep_row(32, 0.84)]}}))
+  monkeypatch.setattr(results_adtn, 'RESULTS_JSON', str(path))
+  calls = []
+  def fake_row(key, seed, workdir, overrides, *, reuse=False, old=None):
+    del old
+    calls.append((workdir, overrides['adtn.depth'], reuse))
+    return sweep_row(overrides['adtn.depth'], 0.85)
+  monkeypatch.setattr(results_adtn, 'run_row', fake_row)
+  results_adtn.depth_sweep(['fc2'], [8, 16], seed=0, root='r')
+  assert calls == [(os.path.join('r', 'depth', 'fc2_M8_s0'), 8, True),
+                   (os.path.join('r', 'depth', 'fc2_M16_s0'), 16, True)]
+  saved = json.loads(path.read_text())
+  assert saved['fc2'] == {'depth': 4}
+  finals = {x['depth']: x['adtn_final_acc']
+            for x in saved['_depth_sweep']['runs']}
+  assert finals == {8: 0.85, 16: 0.85, 32: 0.84}   # M=8 replaced, 32 kept
+
+
+@pytest.mark.parametrize('finals,verdict', [
+    ({8: 0.84, 16: 0.8815}, 'within 0.5 points of its baseline at M=16'),
+    ({8: 0.84, 16: 0.88}, '*not* within 0.5 points of its baseline in any '
+                          'run (M=4 4 epochs, M=8 4 epochs, M=16 4 epochs); '
+                          'closest M=16')])
+def test_adtn_depth_sweep_table_states_the_half_point_goal(finals, verdict):
+  main_rows = {'fc2': dict(sweep_row(4, 0.8245), svd_ranks={'fc1': 1}),
+               'lenet5': sweep_row(4, 0.84, key='lenet5')}   # not swept
+  for r in main_rows.values():
+    del r['train_epochs'], r['seed'], r['svd_factor_params']  # older rows
+  lines = write_results_md.adtn_depth_sweep(
+      {'runs': [sweep_row(m, f) for m, f in finals.items()]}, main_rows)
+  text = '\n'.join(lines)
+  assert verdict in text
+  assert '| fc2 (row above) | 4 | 4 | 1,089 (200,704) |' in text
+  assert '| 1 (–) |' in text and 'lenet5' not in text
+  assert ('| fc2 | 16 | 4 | 4,353 (200,704) | 88.59 | 10.00 → **'
+          in text)
+  assert '| 8 (8,320) | 20.00 → **87.00** | 600 s |' in text
+  assert '`python bench/results_adtn.py --depth-sweep 8 16 --models fc2`' in (
+      text)
