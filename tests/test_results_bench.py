@@ -248,7 +248,19 @@ import results_adtn  # pylint: disable=g-import-not-at-top,wrong-import-position
 import write_results_md  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def test_adtn_depth_and_epochs_change_only_their_fields():
+@pytest.fixture(name='adtn_root')
+def fixture_adtn_root(tmp_path, monkeypatch):
+  """results_adtn.ROOT at ``tmp_path``, with every row's baseline folder
+  (empty: the rows' runs are replaced), as a clean clone has none."""
+  for s in results_adtn.SETTINGS.values():
+    if s.get('pretrained'):
+      os.makedirs(tmp_path / s['pretrained'], exist_ok=True)
+  monkeypatch.setattr(results_adtn, 'ROOT', str(tmp_path))
+  return tmp_path
+
+
+def test_adtn_depth_and_epochs_change_only_their_fields(adtn_root):
+  del adtn_root
   row = results_adtn.row_overrides('fc2', 0)
   swept = results_adtn.row_overrides('fc2', 0, depth=16, train_epochs=8)
   assert row['adtn.depth'] == results_adtn.SETTINGS['fc2']['depth']
@@ -295,8 +307,9 @@ def sweep_row(depth, final, *, epochs=4, key='fc2', base=0.8859):
           'run_s': 700.0}
 
 
-def test_adtn_depth_sweep_records_rows_and_keeps_the_others(tmp_path,
-                                                            monkeypatch):
+def test_adtn_depth_sweep_records_rows_and_keeps_the_others(
+    tmp_path, monkeypatch, adtn_root):
+  del adtn_root
   path = tmp_path / 'results_adtn.json'
   path.write_text(json.dumps({'fc2': {'depth': 4}, '_depth_sweep': {
       'runs': [sweep_row(8, 0.5), sweep_row(32, 0.84)]}}))
