@@ -113,22 +113,26 @@ def frontier_table(rows):
 
 def compare(name_a, a, name_b, b):
   """'+0.12 points (per seed ...; within the seeds' spread)': mean of a −
-  mean of b, in points. The spread is the larger half-range over seeds of
-  the two; with one seed each it is unknown. ``a``, ``b``: {seed: acc}."""
-  diff = 100 * (statistics.mean(a.values()) - statistics.mean(b.values()))
+  mean of b, in points, over the seeds both sides have (all seeds when
+  they share none). The spread is the larger half-range over those seeds
+  of the two; with fewer than two seeds on a side it is unknown. ``a``,
+  ``b``: {seed: acc}."""
   paired = [s for s in sorted(a) if s in b]
+  if paired:
+    a, b = {s: a[s] for s in paired}, {s: b[s] for s in paired}
+  diff = 100 * (statistics.mean(a.values()) - statistics.mean(b.values()))
   text = f'{diff:+.2f} points ({name_a} − {name_b}'
   if paired:
     text += '; per seed ' + ', '.join(f'{s}: {100 * (a[s] - b[s]):+.2f}'
                                       for s in paired)
-  if len(a) < 2 and len(b) < 2:
+  if len(a) < 2 or len(b) < 2:
     return text + '; one seed: spread unknown)', 'unknown'
   spread = 100 * max(_half_range(list(a.values())),
                      _half_range(list(b.values())))
   if abs(diff) <= spread:
-    return text + f'; within the seeds\' spread, ±{spread:.2f})', 'within'
+    return text + f"; within the seeds' spread, ±{spread:.2f})", 'within'
   verdict = 'ahead' if diff > 0 else 'behind'
-  return (text + f'; {name_a} {verdict} beyond the seeds\' spread, '
+  return (text + f"; {name_a} {verdict} beyond the seeds' spread, "
           f'±{spread:.2f})', verdict)
 
 

@@ -206,6 +206,10 @@ def test_he2024_vs_direct_within_or_beyond_the_seeds_spread():
   assert "he2024 ahead beyond the seeds' spread" in frontier.he2024_vs_direct(
       rows)[0]
   assert 'spread unknown' in frontier.he2024_vs_direct(rows[::2])[0]
+  # One he2024 seed against two direct seeds: compared on the shared seed
+  # only, and no spread claimed.
+  text = frontier.he2024_vs_direct(rows[:3])[0]
+  assert '+1.20 points (he2024 − direct; per seed 0: +1.20; one seed' in text
 
 
 def test_musco_is_compared_with_direct_interpolated_at_its_ratio():
