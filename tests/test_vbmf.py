@@ -754,8 +754,8 @@ def test_network_programs_flag_a_non_finite_matrix(backend, method, value):
   kernel[3, 7] = value
   all_layers['d1'] = {'kernel': jnp.asarray(kernel)}
   sources, kinds, groups = spectra_program._program_inputs(plan, all_layers)
-  spectra = spectra_program._network_spectra[backend](sources, kinds, groups, method,
-                                              prescale=True)
+  spectra = spectra_program._network_spectra[backend](
+      sources, kinds, groups, method, prescale=True)
   rank, _, _, gamma, e, _ = batched._network_solve(spectra, method)['float32']
   order = [i for _, members in groups for i, _ in members]
   assert [int(r) for r in rank] == [-1 if plan[i].path == 'd1' else 5
@@ -781,8 +781,8 @@ def test_direct_grams_equal_the_prescaled_program_and_flag_extreme_scales():
   sources, kinds, groups = spectra_program._program_inputs(plan, all_layers)
 
   def spectra(prescale):
-    out = spectra_program._network_spectra['cpu'](sources, kinds, groups, 'gram',
-                                          prescale=prescale)['float32']
+    out = spectra_program._network_spectra['cpu'](
+        sources, kinds, groups, 'gram', prescale=prescale)['float32']
     lam = np.asarray(out[0]) * np.exp2(2.0 * np.asarray(out[3]))[:, None]
     return lam, np.asarray(out[5])
 
@@ -804,7 +804,8 @@ def test_bucketed_spectra_equal_unpadded_eigenvalues():
   grams = [y @ y.T for y in ys]
   padded = jnp.stack([np.pad(g, ((0, 24 - len(g)), (0, 24 - len(g))))
                       for g in grams])
-  lam = spectra_program._bucket_spectra(padded, jnp.asarray([[20.], [21.], [24.]]))
+  lam = spectra_program._bucket_spectra(
+      padded, jnp.asarray([[20.], [21.], [24.]]))
   for row, g in zip(np.asarray(lam), grams):
     big_l = len(g)
     want = np.linalg.eigvalsh(g.astype(np.float64))[::-1]

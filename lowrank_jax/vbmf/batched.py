@@ -9,10 +9,11 @@ a few size buckets, so that a network compiles a few eigensolver loops;
 eigenvalues without eigenvectors) and one vmapped EVBMF solve of them all
 (:func:`_network_solve`, compiled in a second thread while the spectra
 compile and run). They are two programs so that each is compiled with the
-options that suit it (see ``spectra._SPECTRA_CPU_OPTIONS``). Matrices the unscaled Gram products cannot serve (extreme scales, NaN /
-Inf) are redone with prescaled matrices and, under ``'auto'``, those whose
-spectrum the Gram route cannot resolve with the SVD, each in a second pair
-of programs. ``compilation_cache=DIR`` turns JAX's persistent compilation
+options that suit it (see ``spectra._SPECTRA_CPU_OPTIONS``). Matrices the
+unscaled Gram products cannot serve (extreme scales, NaN / Inf) are redone
+with prescaled matrices and, under ``'auto'``, those whose spectrum the
+Gram route cannot resolve with the SVD, each in a second pair of
+programs. ``compilation_cache=DIR`` turns JAX's persistent compilation
 cache on for that call only (:func:`_persistent_cache`).
 
 References:

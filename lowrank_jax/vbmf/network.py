@@ -138,9 +138,10 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   second call.
 
   The first call traces and compiles (seconds; the solve compiles in a
-  second thread while the spectra compile and run); later calls with the same shapes reuse the programs. To skip
-  the compilation in later *processes* too, pass ``compilation_cache=DIR``:
-  JAX's persistent compilation cache
+  second thread while the spectra compile and run); later calls with the
+  same shapes reuse the programs. To skip the compilation in later
+  *processes* too, pass ``compilation_cache=DIR``: JAX's persistent
+  compilation cache
   (https://docs.jax.dev/en/latest/persistent_compilation_cache.html) is then
   on in DIR for this call only (nothing is set at import or left set after
   the call). The cache is trusted code: use a directory only you can write.
