@@ -408,6 +408,11 @@ def _run_row(key, workdir, args_, meta, args, device, deadline):
 def main(argv=None):
   parser = _parser()
   args = parser.parse_args(argv)
+  if args.finetune_epochs is not None and args.finetune_epochs < 1:
+    parser.error(f'--finetune-epochs {args.finetune_epochs}: must be >= 1')
+  if args.finetune_epochs is not None and args.ablation:
+    parser.error('--finetune-epochs and --ablation run different rows; '
+                 'give one of them')
   if args.refresh:
     with _locked_results(args.results) as results:
       read = refresh(results)
@@ -436,7 +441,7 @@ def main(argv=None):
   deadline = None if args.deadline_s is None else t_all + args.deadline_s
   if args.ablation:
     commands = ablation_commands(models, args.seeds, settings, root, device)
-  elif args.finetune_epochs:
+  elif args.finetune_epochs is not None:
     commands = long_finetune_commands(
         models, args.seeds, args.pipelines, args.targets,
         args.finetune_epochs, settings, root, device)

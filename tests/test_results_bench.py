@@ -157,6 +157,16 @@ def test_long_finetune_rows_start_from_the_plain_rows_stages(
       'he2024_ft10', 4.0, 10)
   assert row_['baseline_acc'] == 0.93   # the same seed's direct baseline
 
+
+@pytest.mark.parametrize('argv,message', [
+    (['--finetune-epochs', '0'], '--finetune-epochs 0: must be >= 1'),
+    (['--finetune-epochs', '5', '--ablation'], 'give one of them')])
+def test_long_finetune_bad_flags_are_refused(tmp_path, capsys, argv, message):
+  with pytest.raises(SystemExit):
+    results.main(['--models', 'vgg7b', '--root', str(tmp_path), '--dry-run']
+                 + argv)
+  assert message in capsys.readouterr().err
+
 def row(pipeline, seed, final, *, target=None, ratio=None, base=0.932,
         params=20_000):
   return dict(model='vgg7b', pipeline=pipeline, seed=seed, target=target,
