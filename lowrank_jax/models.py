@@ -1,4 +1,5 @@
-"""The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style), vgg7, vgg7b, vgg8.
+"""The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style), vgg7, vgg7b,
+vgg7w, vgg8.
 
 Plain linen: every conv and dense layer is an ``nn.Conv`` / ``nn.Dense``, so
 these are models like any user's, and a params tree rewritten by any
@@ -198,6 +199,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     # 28, 14 and 7 pixels, 72.7k params; 93.29% test after 20 epochs.
     'vgg7b': functools.partial(SmallVGG, layers=(16, 16, 'M', 32, 32, 'M',
                                                  64, 64)),
+    # vgg7b at twice the width (32, 64, 128 channels; a32 of
+    # docs/benchmark_model.md): 288k params, 29M MACs. Room to compress 4x
+    # and stay near vgg7b's size: the frontier's wide model.
+    'vgg7w': functools.partial(SmallVGG, layers=(32, 32, 'M', 64, 64, 'M',
+                                                 128, 128)),
     # vgg7 with a second conv at 28x28: 109k params, 9.2M MACs.
     'vgg8': functools.partial(SmallVGG, layers=(16, 16, 'M', 32, 32, 'M',
                                                 64, 64, 64)),
@@ -209,7 +215,7 @@ def get_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
 
   Args:
     name: one of ``MODELS`` (fc2, lenet5, resnet20, resnet18, vgg16, vgg7,
-      vgg8), or
+      vgg7b, vgg7w, vgg8), or
       ``'package.module:factory'``: a callable returning a ``flax.linen``
       module whose ``__call__(x, train=...)`` returns logits, or an NNX
       module whose ``__call__(x)`` does (``train()`` / ``eval()`` switch
