@@ -1,5 +1,5 @@
-"""The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style), vgg7, vgg7b,
-vgg7w, vgg8.
+"""The networks: fc2, lenet5, resnet20, resnet18, vgg16 (CIFAR-style), vgg7,
+vgg7b, vgg7w, vgg8.
 
 Plain linen: every conv and dense layer is an ``nn.Conv`` / ``nn.Dense``, so
 these are models like any user's, and a params tree rewritten by any

@@ -1,0 +1,127 @@
+"""Where the first ``vbmf_ranks`` call of a process spends its time.
+
+Runs, in fresh processes (one per repeat), the steps of the first call on
+the ResNet-50 planted kernels of bench/bench_vbmf.py one after another,
+without the second thread the library compiles the solve in, so each step
+is timed alone: JAX's one-time LAPACK set-up (jaxlib imports SciPy's LAPACK
+bindings on the first linear-algebra lowering of a process), then the
+spectra program's trace, lowering, compilation and run, then the solve's.
+Each process then times the reference loop of bench/bench_vbmf.py (float64
+SVD + bounded search per matrix), so the shares can be read against it.
+
+Run:  python bench/bench_vbmf_stages.py   (writes docs/benchmarks_vbmf_stages.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+STEPS = ('LAPACK set-up (SciPy import)', 'spectra: trace', 'spectra: lower',
+         'spectra: compile', 'spectra: run', 'solve: trace + lower',
+         'solve: compile', 'solve: run')
+
+
+def child(net):
+  """One fresh process: the steps' seconds and the loop's, as JSON."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import bench_vbmf  # pylint: disable=g-import-not-at-top
+  from jaxlib import lapack  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.vbmf import batched, linalg, network, spectra  # pylint: disable=g-import-not-at-top
+  params = jax.tree.map(jax.numpy.asarray, bench_vbmf.build_params(net, 0))
+  jax.block_until_ready(params)
+  times = []
+  clock = [time.perf_counter()]
+
+  def lap():
+    now = time.perf_counter()
+    times.append(now - clock[0])
+    clock[0] = now
+  clock[0] = time.perf_counter()
+  lapack.prepare_lapack_call('gesdd_ffi', jax.numpy.float32)
+  lap()
+  all_layers, plan = network._plan(params, None)  # pylint: disable=protected-access
+  sources, kinds, groups = spectra._program_inputs(plan, all_layers)  # pylint: disable=protected-access
+  traced = spectra._network_spectra['cpu'].trace(  # pylint: disable=protected-access
+      sources, kinds=kinds, groups=groups, method='auto', prescale=False,
+      lapack=linalg._LAPACK['on'])  # pylint: disable=protected-access
+  lap()
+  lowered = traced.lower()
+  lap()
+  compiled = lowered.compile()
+  lap()
+  out = jax.block_until_ready(compiled(sources))
+  lap()
+  solve = batched._network_solve.trace(out, 'auto').lower()  # pylint: disable=protected-access
+  lap()
+  solve = solve.compile()
+  lap()
+  jax.block_until_ready(solve(out))
+  lap()
+  reference = bench_vbmf._reference_module().reference_evbmf  # pylint: disable=protected-access
+  t = time.perf_counter()
+  bench_vbmf.reference_ranks(reference, params)
+  print(json.dumps({'steps': times, 'reference': time.perf_counter() - t}))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--net', default='resnet50',
+                      choices=('resnet50', 'resnet18'))
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--no-write', action='store_true')
+  args = parser.parse_args(argv)
+  if args.child:
+    child(args.net)
+    return
+  runs = []
+  for _ in range(args.repeats):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__),
+                          '--child', '--net', args.net], capture_output=True,
+                         text=True, check=True)
+    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  lines = report(runs, args, sys.argv[1:] if argv is None else argv)
+  print('\n'.join(lines))
+  if not args.no_write:
+    path = os.path.join(ROOT, 'docs', 'benchmarks_vbmf_stages.md')
+    with open(path + '.tmp', 'w') as f:
+      f.write('\n'.join(lines) + '\n')
+    os.replace(path + '.tmp', path)
+    print(f'wrote {path}')
+
+
+def report(runs, args, argv):
+  import hostinfo  # pylint: disable=g-import-not-at-top
+  med = [statistics.median(r['steps'][i] for r in runs)
+         for i in range(len(STEPS))]
+  loop = statistics.median(r['reference'] for r in runs)
+  total = sum(med)
+  lines = ['## The first `vbmf_ranks` call, step by step', '',
+           f'Command: `{" ".join(["python", "bench/bench_vbmf_stages.py"] + argv)}`.',
+           '', hostinfo.machine_line(), '',
+           f'{args.net} planted kernels (bench/bench_vbmf.py), one fresh '
+           f'process per repeat ({len(runs)}), medians. The steps run one '
+           'after another here; the library compiles the solve in a second '
+           'thread while the spectra compile and run, so its first call is '
+           'shorter than the sum (docs/benchmarks_vbmf.md).', '',
+           '| step | s | share of the sum | vs reference loop |',
+           '|---|---:|---:|---:|']
+  lines += [f'| {name} | {t:.3f} | {t / total:.0%} | {t / loop:.2f}x |'
+            for name, t in zip(STEPS, med)]
+  lines += [f'| sum | {total:.3f} | 100% | {total / loop:.2f}x |',
+            f'| reference loop (same processes) | {loop:.3f} | | 1.00x |']
+  return lines
+
+
+if __name__ == '__main__':
+  main()
