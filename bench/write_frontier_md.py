@@ -381,6 +381,12 @@ def plot_frontier(rows, model, path):
   plt.close(fig)
 
 
+# How each frontier model is named in its section's title.
+ABOUT = {'vgg7b': 'the benchmark model vgg7b',
+         'vgg7w': 'vgg7w, the benchmark model at twice the width (288k '
+                  'parameters, room to compress)'}
+
+
 def missing(rows, s):
   """The frontier's rows not in ``rows`` yet (pipeline and target)."""
   have = {(r['pipeline'], r.get('target')) for r in rows}
@@ -401,7 +407,7 @@ def section(all_rows, settings, docs):
     plot_frontier(mine, model, os.path.join(docs, png))
     seeds = sorted({r['seed'] for r in mine})
     todo = missing(mine, settings[model])
-    out += ['', f'## Frontier of the benchmark model {model} (CPU)', '',
+    out += ['', f'## Frontier of {ABOUT.get(model, model)} (CPU)', '',
             f'{model} (docs/benchmark_model.md) trained on all training '
             'images, then compressed by `direct` (from the dense baseline) '
             'and `he2024` (its own over-parameterized training, then the '
