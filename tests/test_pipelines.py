@@ -64,8 +64,17 @@ def _stages(summary):
   return [s['name'] for s in summary['stages']]
 
 
-def test_direct_compresses_and_writes_the_report(tmp_path):
-  summary = pipelines.run_direct(_config('direct'), str(tmp_path))
+@pytest.fixture(scope='module')
+def direct_run(tmp_path_factory, fmnist):
+  """One direct run of the smoke config: ``(summary, workdir)``, read (never
+  written) by the tests that check its report, export and baseline."""
+  del fmnist
+  workdir = tmp_path_factory.mktemp('direct')
+  return pipelines.run_direct(_config('direct'), str(workdir)), workdir
+
+
+def test_direct_compresses_and_writes_the_report(direct_run):
+  summary, tmp_path = direct_run
   assert _stages(summary) == ['baseline', 'compress', 'finetune']
   assert 1.3 <= summary['flops_ratio'] < 1.4
   report = json.loads((tmp_path / 'report.json').read_text())
@@ -236,19 +245,22 @@ def test_vgg16_adtn_config_switches_the_decode_stage_to_clipped_adam():
   optim.make_optimizer(stage, steps_per_epoch=10)   # a valid optax chain
 
 
-def test_direct_with_cp_convs(tmp_path):
-  summary = pipelines.run_direct(_config('direct', conv_form='cp'),
-                                 str(tmp_path))
+def test_direct_with_cp_convs(tmp_path, direct_run):
+  # From the direct run's trained baseline: the same job, CP-split.
+  config = _config('direct', conv_form='cp',
+                   pretrained=str(direct_run[1] / 'stages' / 'baseline'))
+  summary = pipelines.run_direct(config, str(tmp_path))
+  assert _stages(summary) == ['baseline', 'compress', 'finetune']
   assert summary['flops_ratio'] >= 1.3
   report = json.loads((tmp_path / 'report.json').read_text())
   assert report['layers']['conv2']['compress']['form_after'] == 'cp'
 
 
 def test_the_pipeline_exports_a_network_that_runs_without_lowrank_jax(
-    tmp_path):
+    tmp_path, direct_run):
   import subprocess
-  summary = pipelines.run_direct(_config('direct'), str(tmp_path))
-  export = tmp_path / 'export'
+  summary, workdir = direct_run
+  export = workdir / 'export'
   info = json.loads((export / 'export.json').read_text())
   spec = json.loads((export / 'input_spec.json').read_text())
   assert info['forms']['conv2'] == 'tucker2'
@@ -269,7 +281,6 @@ def test_the_pipeline_exports_a_network_that_runs_without_lowrank_jax(
   out = subprocess.run([sys.executable, '-c', code], capture_output=True,
                        text=True, timeout=300, cwd=str(tmp_path))
   assert out.returncode == 0, out.stderr[-2000:]
-  variables = checkpoint.load_variables(str(tmp_path / 'stages' /
-                                            'finetune'))
+  variables = checkpoint.load_variables(str(workdir / 'stages' / 'finetune'))
   ref = lj.apply(lj.get_model('lenet5'), variables, x, train=False)
   np.testing.assert_allclose(np.load(tmp_path / 'y.npy'), ref, atol=1e-5)
