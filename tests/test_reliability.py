@@ -187,13 +187,30 @@ def _direct(tiny):
   return config
 
 
-def test_workdir_bookkeeping_errors_name_the_file_and_the_fix(tmp_path, tiny):
+@pytest.fixture(scope='module')
+def direct_done(tiny, tmp_path_factory):
+  """``(summary, workdir)`` of one finished direct run of ``tiny``; tests
+  copy the workdir (:func:`_copy_of`) before changing anything."""
+  from lowrank_jax.train import pipelines
+  work = tmp_path_factory.mktemp('direct_done')
+  return pipelines.run_direct(_direct(tiny), str(work)), work
+
+
+def _copy_of(direct_done, tmp_path):
+  import shutil
+  work = tmp_path / 'work'
+  shutil.copytree(direct_done[1], work)
+  return work
+
+
+def test_workdir_bookkeeping_errors_name_the_file_and_the_fix(
+    tmp_path, tiny, direct_done):
   import json
   import shutil
   from lowrank_jax.train import pipelines
   config = _direct(tiny)
+  tmp_path = _copy_of(direct_done, tmp_path)
   work = str(tmp_path)
-  pipelines.run_direct(config, work)
   index = tmp_path / 'stages.json'
   good = index.read_text()
   # A stage run again is reported once.
@@ -216,12 +233,13 @@ def test_workdir_bookkeeping_errors_name_the_file_and_the_fix(tmp_path, tiny):
 
 
 def test_a_changed_config_is_refused_or_redone_from_a_named_stage(
-    tmp_path, tiny):
+    tmp_path, tiny, direct_done):
   import json
   from lowrank_jax.train import pipelines
   config = _direct(tiny)
+  first = direct_done[0]
+  tmp_path = _copy_of(direct_done, tmp_path)
   work = str(tmp_path)
-  first = pipelines.run_direct(config, work)
   baseline = (tmp_path / 'stages' / 'baseline').stat().st_mtime_ns
   config.compress.target_ratio = 1.5
   with pytest.raises(errors.ConfigError, match=(
