@@ -400,6 +400,9 @@ def main(argv=None):
   parser.add_argument('--cache', default='', help=argparse.SUPPRESS)
   argv = sys.argv[1:] if argv is None else argv
   args = parser.parse_args(argv)
+  if args.fresh < 1:
+    parser.error(f'--fresh {args.fresh}: must be >= 1 (the first-call rows '
+                 'are medians over that many processes)')
   if args.child:
     child(args.child, args.cache)
     return

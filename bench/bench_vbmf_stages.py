@@ -39,14 +39,10 @@ def child(net):
   from lowrank_jax.vbmf import batched, linalg, network, spectra  # pylint: disable=g-import-not-at-top
   params = jax.tree.map(jax.numpy.asarray, bench_vbmf.build_params(net, 0))
   jax.block_until_ready(params)
-  times = []
-  clock = [time.perf_counter()]
-
   def lap():
-    now = time.perf_counter()
-    times.append(now - clock[0])
-    clock[0] = now
-  clock[0] = time.perf_counter()
+    marks.append(time.perf_counter())
+
+  marks = [time.perf_counter()]   # one more after each step of STEPS
   lapack.prepare_lapack_call('gesdd_ffi', jax.numpy.float32)
   lap()
   all_layers, plan = network._plan(params, None)  # pylint: disable=protected-access
@@ -70,7 +66,8 @@ def child(net):
   reference = bench_vbmf._reference_module().reference_evbmf  # pylint: disable=protected-access
   t = time.perf_counter()
   bench_vbmf.reference_ranks(reference, params)
-  print(json.dumps({'steps': times, 'reference': time.perf_counter() - t}))
+  steps = [b - a for a, b in zip(marks, marks[1:])]
+  print(json.dumps({'steps': steps, 'reference': time.perf_counter() - t}))
 
 
 def main(argv=None):
@@ -81,6 +78,8 @@ def main(argv=None):
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--no-write', action='store_true')
   args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f'--repeats {args.repeats}: must be >= 1')
   if args.child:
     child(args.net)
     return

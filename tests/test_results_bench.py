@@ -167,6 +167,7 @@ def test_long_finetune_bad_flags_are_refused(tmp_path, capsys, argv, message):
                  + argv)
   assert message in capsys.readouterr().err
 
+
 def row(pipeline, seed, final, *, target=None, ratio=None, base=0.932,
         params=20_000):
   return dict(model='vgg7b', pipeline=pipeline, seed=seed, target=target,
