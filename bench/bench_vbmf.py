@@ -403,6 +403,9 @@ def main(argv=None):
   if args.fresh < 1:
     parser.error(f'--fresh {args.fresh}: must be >= 1 (the first-call rows '
                  'are medians over that many processes)')
+  if args.repeats < 1:
+    parser.error(f'--repeats {args.repeats}: must be >= 1 (the warm rows '
+                 'are medians over that many rounds)')
   if args.child:
     child(args.child, args.cache)
     return

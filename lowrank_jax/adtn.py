@@ -190,8 +190,23 @@ def adtn_encode(params, *, select=None, depth: Depth,
         steps=steps, learning_rate=learning_rate, key=key, min_size=min_size,
         noise=noise, clip=clip, channel_scale=channel_scale,
         match_norm=match_norm, report=report)
+  fit_options = dict(nonlinearity=nonlinearity, steps=steps,
+                     learning_rate=learning_rate, noise=noise, clip=clip,
+                     channel_scale=channel_scale, match_norm=match_norm)
+  new, actions, results = _encode_per_layer(
+      params, select=select, depth=depth, key=key, min_size=min_size,
+      fit_options=fit_options)
+  if not report:
+    return new
+  return new, _per_layer_actions(params, actions, results)
+
+
+def _encode_per_layer(params, *, select, depth, key, min_size, fit_options):
+  """``(new tree, transform actions, {path: (err, n, after, fit_err)})``:
+  one network per eligible selected layer (adtn_encode without share)."""
   results = {}
   index = {}
+  channel_scale = fit_options['channel_scale']
 
   def plan(path, variables):
     shape = tree.kernel_shape(variables)
@@ -200,12 +215,12 @@ def adtn_encode(params, *, select=None, depth: Depth,
     q = adtn_form.num_qubits(n)
     after = adtn_param_count(q, m, scale_size=shape[-1] if channel_scale
                              else 1)
-    return shape, n, m, q, after
+    return n, m, q, after
 
   def eligible(path, variables):
     if isinstance(depth, Mapping) and path not in depth:
       return 'no depth given for this layer'
-    _, n, m, q, after = plan(path, variables)
+    n, m, q, after = plan(path, variables)
     small = _too_small(n, min_size)
     if small:
       return small
@@ -215,26 +230,25 @@ def adtn_encode(params, *, select=None, depth: Depth,
     return ''
 
   def build(path, variables):
-    _, n, m, _, after = plan(path, variables)
+    n, m, _, after = plan(path, variables)
     kernel = forms.to_kernel(variables)
     index[path] = len(index)
-    out, err, _ = adtn_form.fit(
-        kernel, m, nonlinearity=nonlinearity, steps=steps,
-        learning_rate=learning_rate, noise=noise, clip=clip,
-        channel_scale=channel_scale, match_norm=match_norm,
-        key=jax.random.fold_in(key, index[path]))
+    out, err, _ = adtn_form.fit(kernel, m, **fit_options,
+                                key=jax.random.fold_in(key, index[path]))
     results[path] = (err, n, after,
                      _fit_error(adtn_form.to_kernel(out), kernel))
     return out
 
-  select_arg = select
   if select is None and isinstance(depth, Mapping):
-    select_arg = [tree.exact(p) for p in depth]
+    select = [tree.exact(p) for p in depth]
   new, actions = transforms._apply(  # pylint: disable=protected-access
-      params, None, select=select_arg, eligible=eligible, build=build,
+      params, None, select=select, eligible=eligible, build=build,
       report=True)
-  if not report:
-    return new
+  return new, actions, results
+
+
+def _per_layer_actions(params, actions, results) -> list[ADTNLayerAction]:
+  """The transform's actions with each layer's errors and parameters."""
   old_layers = tree.layers(tree.split_variables(params)[0])
   out = []
   for a in actions:
@@ -244,7 +258,7 @@ def adtn_encode(params, *, select=None, depth: Depth,
       n = after = math.prod(tree.kernel_shape(old_layers[a.path]))
     out.append(ADTNLayerAction(*a, rel_error=err, params_before=n,
                                params_after=after, fit_error=fit_err))
-  return new, out
+  return out
 
 
 def _encode_shared(params, *, select, depth, nonlinearity, steps,

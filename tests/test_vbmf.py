@@ -10,7 +10,9 @@ searches globally).
 
 import copy
 import functools
+import importlib
 import math
+import os
 import re
 
 import jax
@@ -873,3 +875,17 @@ def test_eager_evbmf_compiles_once_per_shape():
   for res in again:
     assert int(res.rank) == int(first.rank) == 4
     np.testing.assert_array_equal(res.sigma2, first.sigma2)
+
+
+@pytest.mark.parametrize('module,argv,message', [
+    ('bench_vbmf', ['--fresh', '0'], '--fresh 0: must be >= 1'),
+    ('bench_vbmf', ['--repeats', '0'], '--repeats 0: must be >= 1'),
+    ('bench_vbmf_stages', ['--repeats', '0'], '--repeats 0: must be >= 1')])
+def test_vbmf_benches_refuse_empty_medians(monkeypatch, capsys, module, argv,
+                                           message):
+  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), '..',
+                                           'bench'))
+  bench = importlib.import_module(module)
+  with pytest.raises(SystemExit):
+    bench.main(argv + ['--no-write'])
+  assert message in capsys.readouterr().err

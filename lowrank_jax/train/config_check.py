@@ -121,8 +121,9 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   ``config.num_processes`` and ``config.process_id`` on each (and optionally
   ``config.local_device_ids``); empty fields keep auto-detection. CPU runs use
   gloo collectives. An unreachable coordinator is a ConfigError after
-  ``config.distributed_timeout_s`` seconds. Every process then runs the same command; each loads the data,
-  iterates the same global batches and feeds its devices' shards.
+  ``config.distributed_timeout_s`` seconds. Every process then runs the
+  same command; each loads the data, iterates the same global batches and
+  feeds its devices' shards.
   Idempotent: a second call is a no-op.
   """
   if not config.get('distributed', False):

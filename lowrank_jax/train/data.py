@@ -166,7 +166,8 @@ def _network_available(host: tuple[str, int] = _TFDS_PROBE_HOST,
   Runs in a daemon thread so that a slow DNS lookup cannot block us either.
   With a proxy configured we cannot tell, so we optimistically return True.
   """
-  if any(os.environ.get(v) for v in ('https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY')):
+  proxies = ('https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY')
+  if any(os.environ.get(v) for v in proxies):
     return True
   ok = []
 

@@ -104,8 +104,31 @@ def _no_saved_variables(field, path, expected):
 
 
 def validate(config, *, model=None, input_shape=None) -> None:
-  """Checks the compression fields before any training time is spent."""
-  c = config.compress
+  """Checks the compression fields before any training time is spent.
+
+  The fields first (every error found, in one ConfigError); then, given the
+  model and its input shape, the selection rules and the FLOP / parameter
+  target resolved against the model's layers.
+  """
+  errors = (_rule_errors(config.compress) + _pipeline_errors(config)
+            + _saved_variables_errors(config)
+            + _regex_errors(config.compress))
+  if errors:
+    raise ConfigError('; '.join(errors))
+  if model is None:
+    tree.normalize_rules(selection_rules(config))
+    return
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False))
+  _check_selection(config, shapes)
+  if config.compress.rank_rule.endswith('_ratio'):
+    _check_target(config, model, shapes, input_shape)
+  else:
+    tree.normalize_rules(selection_rules(config))
+
+
+def _rule_errors(c) -> list[str]:
+  """Errors of the rank rule, conv form, minimum ranks and weakening."""
   errors = []
   if c.rank_rule not in rank_rules.RULES:
     errors.append(f'compress.rank_rule={c.rank_rule!r} is not one of '
@@ -119,6 +142,12 @@ def validate(config, *, model=None, input_shape=None) -> None:
   if not 0 < c.weaken <= 1 and c.rank_rule == 'weakened_vbmf':
     errors.append(f'compress.weaken={c.weaken} must be in (0, 1] for the '
                   'weakened_vbmf rule (0 would compress nothing)')
+  return errors
+
+
+def _pipeline_errors(config) -> list[str]:
+  """Errors of the running pipeline's own fields (musco, he2024, adtn)."""
+  errors = []
   if config.pipeline == 'musco':
     m = config.musco
     if not 0 < m.weaken <= 1:
@@ -134,16 +163,28 @@ def validate(config, *, model=None, input_shape=None) -> None:
   if config.pipeline == 'he2024' and config.he2024.penalty_weight < 0:
     errors.append(f'he2024.penalty_weight={config.he2024.penalty_weight} '
                   'must be >= 0')
+  if config.pipeline == 'adtn':
+    errors += _adtn_errors(config.adtn)
+  return errors
+
+
+def _saved_variables_errors(config) -> list[str]:
+  """Errors of the directories a run starts from (he2024.trained,
+  compress.pretrained)."""
+  errors = []
   if config.pipeline == 'he2024':
     errors += _no_saved_variables(
         'he2024.trained', config.get('he2024', {}).get('trained'),
         "a previous he2024 run's workdir/stages/collapse")
-  errors += _no_saved_variables(
-      'compress.pretrained', c.get('pretrained'),
+  return errors + _no_saved_variables(
+      'compress.pretrained', config.compress.get('pretrained'),
       'a directory written by checkpoint.save_variables or a previous '
       "run's workdir/stages/baseline")
-  if config.pipeline == 'adtn':
-    errors += _adtn_errors(config.adtn)
+
+
+def _regex_errors(c) -> list[str]:
+  """Errors of compress.select / compress.exclude that are not regexes."""
+  errors = []
   for field in ('select', 'exclude'):
     if c.get(field):
       try:
@@ -151,39 +192,39 @@ def validate(config, *, model=None, input_shape=None) -> None:
       except re.error as e:
         errors.append(f'compress.{field}={c[field]!r} is not a valid regex: '
                       f'{e}')
-  if errors:
-    raise ConfigError('; '.join(errors))
-  if model is not None:
-    shapes = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False))
-    try:   # the rules resolve against the model's layers, before training
-      tree.select_paths(tree.find_layers(shapes), selection_rules(config))
-    except ValueError as e:
-      raise ConfigError(f'compress.select / compress.exclude: {e}') from e
-    if config.pipeline == 'adtn':
-      try:
-        tree.select_paths(tree.find_layers(shapes), config.adtn.select)
-      except ValueError as e:
-        raise ConfigError(f'adtn.select: {e}') from e
-  if model is not None and c.rank_rule.endswith('_ratio'):
-    shapes = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False))
-    geometry = rank_rules.layer_geometry(model, shapes, input_shape)
-    paths = [p for p in tree.select_paths(
-        tree.layers(shapes['params']), selection_rules(config))
-             if p in geometry]
+  return errors
+
+
+def _check_selection(config, shapes) -> None:
+  """The selection rules (and adtn.select) resolve against the layers."""
+  try:   # the rules resolve against the model's layers, before training
+    tree.select_paths(tree.find_layers(shapes), selection_rules(config))
+  except ValueError as e:
+    raise ConfigError(f'compress.select / compress.exclude: {e}') from e
+  if config.pipeline == 'adtn':
     try:
-      rank_rules.ranks_for_ratio(
-          geometry, metric=c.rank_rule.split('_')[0], target=c.target_ratio,
-          paths=paths, min_rank=min_rank_of(config, geometry),
-          conv_form=c.conv_form)
+      tree.select_paths(tree.find_layers(shapes), config.adtn.select)
     except ValueError as e:
-      fields = ', '.join(f'compress.min_rank_{k}={c[f"min_rank_{k}"]}'
-                         for k in ('kxk', '1x1', 'dense'))
-      raise ConfigError(f'compress.target_ratio={c.target_ratio}: {e} '
-                        f'(minimum ranks from {fields})') from e
-  else:
-    tree.normalize_rules(selection_rules(config))
+      raise ConfigError(f'adtn.select: {e}') from e
+
+
+def _check_target(config, model, shapes, input_shape) -> None:
+  """compress.target_ratio is reachable with the minimum ranks."""
+  c = config.compress
+  geometry = rank_rules.layer_geometry(model, shapes, input_shape)
+  paths = [p for p in tree.select_paths(
+      tree.layers(shapes['params']), selection_rules(config))
+           if p in geometry]
+  try:
+    rank_rules.ranks_for_ratio(
+        geometry, metric=c.rank_rule.split('_')[0], target=c.target_ratio,
+        paths=paths, min_rank=min_rank_of(config, geometry),
+        conv_form=c.conv_form)
+  except ValueError as e:
+    fields = ', '.join(f'compress.min_rank_{k}={c[f"min_rank_{k}"]}'
+                       for k in ('kxk', '1x1', 'dense'))
+    raise ConfigError(f'compress.target_ratio={c.target_ratio}: {e} '
+                      f'(minimum ranks from {fields})') from e
 
 
 # ----------------------------------------------------------------------------

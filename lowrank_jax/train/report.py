@@ -111,78 +111,89 @@ def write_plots(workdir: str, report: Mapping) -> dict[str, str]:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  written = {}
-  layers = report.get('layers', {})
-  last = {}
-  for path, per_stage in layers.items():
+  last = {}   # each layer's first compression
+  for path, per_stage in report.get('layers', {}).items():
     if per_stage:
-      last[path] = per_stage[list(per_stage)[0]]  # First compression.
+      last[path] = per_stage[list(per_stage)[0]]
   spectra = {p: d for p, d in last.items() if d.get('singular_values')}
-  if spectra:
-    n = len(spectra)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows),
-                             squeeze=False)
-    for ax, (path, d) in zip(axes.flat, spectra.items()):
-      svs = d['singular_values']
-      thresholds = d.get('threshold') or []
-      labels = ('in', 'out') if len(svs) == 2 else ('',)
-      for i, (s, label) in enumerate(zip(svs, labels)):
-        s = np.asarray(s, float)
-        ax.semilogy(np.arange(1, len(s) + 1), np.maximum(s, 1e-12),
-                    f'C{i}.-', ms=2, lw=0.8, label=f'σ {label}'.strip())
-        if i < len(thresholds):
-          ax.axhline(float(thresholds[i]), color=f'C{i}', ls='--', lw=0.8)
-      for r in d.get('chosen') or []:
-        ax.axvline(int(r), color='k', ls=':', lw=0.8)
-      if len(svs) == 2:
-        ax.legend(fontsize=6)
-      ax.set_title(path, fontsize=8)
-      ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[n:]:
-      ax.axis('off')
-    fig.suptitle('Singular values (dots), EVBMF thresholds (dashed), chosen '
-                 'ranks (dotted)', fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, 'spectra.png'), dpi=110)
-    plt.close(fig)
-    written['Spectra and EVBMF thresholds'] = 'spectra.png'
-  if last:
-    paths = list(last)
-    full = [max(d.get('kernel_shape', [0])[-1:] or [0]) for d in last.values()]
-    chosen = [max(d.get('chosen') or [0]) for d in last.values()]
-    vb = [max(d.get('vbmf') or [0]) for d in last.values()]
-    x = np.arange(len(paths))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(paths)), 3.2))
-    ax.bar(x - 0.27, full, 0.27, label='C_out (full)')
-    ax.bar(x, vb, 0.27, label='VBMF rank (max mode)')
-    ax.bar(x + 0.27, chosen, 0.27, label='chosen (max mode)')
-    ax.set_xticks(x, paths, rotation=75, fontsize=6)
-    ax.set_yscale('log')
-    ax.legend(fontsize=7)
-    ax.set_title('Ranks per layer', fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, 'ranks.png'), dpi=110)
-    plt.close(fig)
-    written['Ranks per layer'] = 'ranks.png'
-  stages = report.get('stages', [])
-  if len(stages) > 1:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    flops = [s['flops'] for s in stages]
-    acc = [100 * s.get('test', {}).get('accuracy', float('nan'))
-           for s in stages]
-    ax.plot(flops, acc, 'o-')
-    for f, a, s in zip(flops, acc, stages):
-      ax.annotate(s['name'], (f, a), fontsize=6, xytext=(3, 3),
-                  textcoords='offset points')
-    ax.set_xscale('log')
-    ax.set_xlabel('multiply-adds per image')
-    ax.set_ylabel('test accuracy (%)')
-    ax.set_title(f"{report.get('pipeline')}: accuracy against FLOPs",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, 'accuracy_flops.png'), dpi=110)
-    plt.close(fig)
-    written['Accuracy against FLOPs'] = 'accuracy_flops.png'
+  plots = (('Spectra and EVBMF thresholds', 'spectra.png', _plot_spectra,
+            spectra, bool(spectra)),
+           ('Ranks per layer', 'ranks.png', _plot_ranks, last, bool(last)),
+           ('Accuracy against FLOPs', 'accuracy_flops.png',
+            _plot_accuracy_flops, report, len(report.get('stages', [])) > 1))
+  written = {}
+  for title, name, plot, data, wanted in plots:
+    if wanted:
+      fig = plot(plt, data)
+      fig.tight_layout()
+      fig.savefig(os.path.join(workdir, name), dpi=110)
+      plt.close(fig)
+      written[title] = name
   return written
+
+
+def _plot_spectra(plt, spectra):
+  """One panel per layer: singular values, thresholds, chosen ranks."""
+  n = len(spectra)
+  cols = min(4, n)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows),
+                           squeeze=False)
+  for ax, (path, d) in zip(axes.flat, spectra.items()):
+    svs = d['singular_values']
+    thresholds = d.get('threshold') or []
+    labels = ('in', 'out') if len(svs) == 2 else ('',)
+    for i, (s, label) in enumerate(zip(svs, labels)):
+      s = np.asarray(s, float)
+      ax.semilogy(np.arange(1, len(s) + 1), np.maximum(s, 1e-12),
+                  f'C{i}.-', ms=2, lw=0.8, label=f'σ {label}'.strip())
+      if i < len(thresholds):
+        ax.axhline(float(thresholds[i]), color=f'C{i}', ls='--', lw=0.8)
+    for r in d.get('chosen') or []:
+      ax.axvline(int(r), color='k', ls=':', lw=0.8)
+    if len(svs) == 2:
+      ax.legend(fontsize=6)
+    ax.set_title(path, fontsize=8)
+    ax.tick_params(labelsize=6)
+  for ax in list(axes.flat)[n:]:
+    ax.axis('off')
+  fig.suptitle('Singular values (dots), EVBMF thresholds (dashed), chosen '
+               'ranks (dotted)', fontsize=9)
+  return fig
+
+
+def _plot_ranks(plt, last):
+  """Bars per layer: full width, VBMF rank and chosen rank."""
+  paths = list(last)
+  full = [max(d.get('kernel_shape', [0])[-1:] or [0]) for d in last.values()]
+  chosen = [max(d.get('chosen') or [0]) for d in last.values()]
+  vb = [max(d.get('vbmf') or [0]) for d in last.values()]
+  x = np.arange(len(paths))
+  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(paths)), 3.2))
+  ax.bar(x - 0.27, full, 0.27, label='C_out (full)')
+  ax.bar(x, vb, 0.27, label='VBMF rank (max mode)')
+  ax.bar(x + 0.27, chosen, 0.27, label='chosen (max mode)')
+  ax.set_xticks(x, paths, rotation=75, fontsize=6)
+  ax.set_yscale('log')
+  ax.legend(fontsize=7)
+  ax.set_title('Ranks per layer', fontsize=9)
+  return fig
+
+
+def _plot_accuracy_flops(plt, report):
+  """Test accuracy against multiply-adds, one point per stage."""
+  stages = report['stages']
+  fig, ax = plt.subplots(figsize=(5, 3.2))
+  flops = [s['flops'] for s in stages]
+  acc = [100 * s.get('test', {}).get('accuracy', float('nan'))
+         for s in stages]
+  ax.plot(flops, acc, 'o-')
+  for f, a, s in zip(flops, acc, stages):
+    ax.annotate(s['name'], (f, a), fontsize=6, xytext=(3, 3),
+                textcoords='offset points')
+  ax.set_xscale('log')
+  ax.set_xlabel('multiply-adds per image')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(f"{report.get('pipeline')}: accuracy against FLOPs",
+               fontsize=9)
+  return fig
