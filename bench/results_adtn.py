@@ -18,10 +18,11 @@ the comparison under ``"_fit_sweep"`` in docs/results_adtn.json; FIT_STEPS
 and FIT_NOISE below are the best of it.
 
   python bench/results_adtn.py --depth-sweep 8 16 32 [--models fc2]
-                               [--train-epochs 8]
+                               [--train-epochs 8] [--train-lr 0.01]
 
 runs the whole row (ADTN and SVD at its budget) once per depth M (into
-runs/adtn/depth/<model>_M<M>[_e<epochs>]_s<seed>; a finished ADTN run is read
+runs/adtn/depth/<model>_M<M>[_e<epochs>][_lr<rate>]_s<seed>, both sides
+trained at that learning rate; a finished ADTN run is read
 back, its SVD side redone) and records the rows under ``"_depth_sweep"`` in
 docs/results_adtn.json; the other rows are left as they are. Without
 ``--models`` the sweep runs fc2 only.
@@ -56,6 +57,9 @@ BASELINES = os.path.join('runs', 'adtn', 'baselines')
 # The initial fit of every row: measured on fc2 with --fit-sweep (the
 # "_fit_sweep" entry of docs/results_adtn.json, shown in docs/results.md).
 FIT_STEPS = 20
+# Peak learning rate of the end-to-end training (both sides) unless a row's
+# SETTINGS or --train-lr say otherwise.
+TRAIN_LR = 0.003
 FIT_NOISE = 0.02
 
 SETTINGS = {
@@ -114,11 +118,12 @@ def _record(key, value):
     json.dump(results, f, indent=1)
 
 
-def row_overrides(key, seed, *, depth=None, train_epochs=None, **fit):
+def row_overrides(key, seed, *, depth=None, train_epochs=None,
+                  train_lr=None, **fit):
   """The train.py config fields of one row.
 
-  ``depth`` and ``train_epochs`` (None: the row's SETTINGS) are the depth
-  sweep's; ``fit`` overrides FIT_*.
+  ``depth``, ``train_epochs`` and ``train_lr`` (None: the row's SETTINGS)
+  are the depth sweep's; ``fit`` overrides FIT_*.
   """
   s = SETTINGS[key]
   overrides = {'pipeline': 'adtn', 'seed': seed,
@@ -126,7 +131,9 @@ def row_overrides(key, seed, *, depth=None, train_epochs=None, **fit):
                'adtn.depth': s['depth'] if depth is None else depth,
                'finetune.num_epochs': (s['train_epochs'] if train_epochs is None
                                        else train_epochs),
-               'finetune.learning_rate': s.get('train_lr', 0.003),
+               'finetune.learning_rate': (
+                   s.get('train_lr', TRAIN_LR) if train_lr is None
+                   else train_lr),
                # The initial fit (see FIT_STEPS), rescaled to the
                # kernel's norm: with the least-squares scale instead
                # (match_norm=False; ||W_hat|| ~ 0.14 ||W||) fc2 ended at
@@ -294,6 +301,7 @@ def run_row(key, seed, workdir, overrides, *, reuse=False, old=None):
       'model': model_name, 'key': key, 'seed': seed, 'command': shown,
       'layers': sorted(encoded), 'depth': overrides['adtn.depth'],
       'train_epochs': overrides['finetune.num_epochs'],
+      'train_lr': overrides['finetune.learning_rate'],
       'shared': bool(s.get('share')),
       'dense_params': dense_params, 'adtn_params': adtn_params,
       'rel_error': {p: d['rel_error'] for p, d in encoded.items()},
@@ -317,27 +325,35 @@ def run_row(key, seed, workdir, overrides, *, reuse=False, old=None):
   }
 
 
-def depth_workdir(root, key, depth, seed, train_epochs=None):
-  """``<root>/depth/<key>_M<depth>[_e<train_epochs>]_s<seed>``."""
+def depth_workdir(root, key, depth, seed, train_epochs=None, train_lr=None):
+  """``<root>/depth/<key>_M<depth>[_e<epochs>][_lr<rate>]_s<seed>``."""
   epochs = '' if train_epochs is None else f'_e{train_epochs}'
-  return os.path.join(root, 'depth', f'{key}_M{depth}{epochs}_s{seed}')
+  rate = '' if train_lr is None else f'_lr{train_lr:g}'
+  return os.path.join(root, 'depth', f'{key}_M{depth}{epochs}{rate}_s{seed}')
+
+
+def train_lr_of(row):
+  """A recorded row's end-to-end learning rate (rows from before
+  --train-lr: their SETTINGS' rate)."""
+  return row.get('train_lr', SETTINGS[row['key']].get('train_lr', TRAIN_LR))
 
 
 def merge_sweep_row(runs, row):
   """``runs`` with ``row`` replacing the one of its key, depth and epochs."""
-  same = lambda x: ((x['key'], x['depth'], x.get('train_epochs'), x['seed'])
-                    == (row['key'], row['depth'], row.get('train_epochs'),
-                        row['seed']))
+  ident = lambda x: (x['key'], x['depth'], x.get('train_epochs'),
+                     train_lr_of(x), x['seed'])
+  same = lambda x: ident(x) == ident(row)
   return [x for x in runs if not same(x)] + [row]
 
 
-def depth_sweep(keys, depths, *, seed, root, train_epochs=None):
+def depth_sweep(keys, depths, *, seed, root, train_epochs=None,
+                train_lr=None):
   """Whole rows (ADTN + SVD) per depth; into ``"_depth_sweep"``."""
   for key in keys:
     for depth in depths:
-      workdir = depth_workdir(root, key, depth, seed, train_epochs)
+      workdir = depth_workdir(root, key, depth, seed, train_epochs, train_lr)
       overrides = row_overrides(key, seed, depth=depth,
-                                train_epochs=train_epochs)
+                                train_epochs=train_epochs, train_lr=train_lr)
       row = run_row(key, seed, workdir, overrides, reuse=True)
       print(json.dumps(row), flush=True)
       results = {}
@@ -366,9 +382,16 @@ def main():
   parser.add_argument('--train-epochs', type=int,
                       help='end-to-end epochs of the depth sweep (default: '
                            "the row's)")
+  parser.add_argument('--train-lr', type=float,
+                      help='peak end-to-end learning rate of the depth sweep '
+                           "(both sides; default: the row's)")
   args = parser.parse_args()
-  if args.train_epochs is not None and not args.depth_sweep:
-    parser.error('--train-epochs is an option of --depth-sweep')
+  for flag in ('train_epochs', 'train_lr'):
+    if getattr(args, flag) is not None and not args.depth_sweep:
+      parser.error(f'--{flag.replace("_", "-")} is an option of '
+                   '--depth-sweep')
+  if args.train_lr is not None and not args.train_lr > 0:
+    parser.error(f'--train-lr {args.train_lr}: must be > 0')
 
   from configs import default  # noqa: F401  (configs importable)
 
@@ -377,7 +400,8 @@ def main():
     return
   if args.depth_sweep:
     depth_sweep(args.models or ['fc2'], args.depth_sweep, seed=args.seed,
-                root=args.root, train_epochs=args.train_epochs)
+                root=args.root, train_epochs=args.train_epochs,
+                train_lr=args.train_lr)
     return
   results = {}
   if os.path.exists(RESULTS_JSON):

@@ -153,6 +153,21 @@ def _gpu_sections(rows):
   return out
 
 
+def _sweep_order(x):
+  return (x['key'], x['train_epochs'], adtn_settings.train_lr_of(x),
+          x['depth'])
+
+
+def _sweep_label(x):
+  """'M=4 24 epochs', with ' at lr 0.01' where the rate is not the
+  row's default."""
+  lr = adtn_settings.train_lr_of(x)
+  default = adtn_settings.SETTINGS[x['key']].get('train_lr',
+                                                 adtn_settings.TRAIN_LR)
+  return (f'M={x["depth"]} {x["train_epochs"]} epochs'
+          + ('' if lr == default else f' at lr {lr:g}'))
+
+
 def adtn_depth_sweep(sweep, rows=None):
   """Lines of the ADTN depth sweep (``"_depth_sweep"`` of results_adtn.json).
 
@@ -166,24 +181,24 @@ def adtn_depth_sweep(sweep, rows=None):
               'train_epochs', adtn_settings.SETTINGS[key]['train_epochs']))
           for key, r in (rows or {}).items()
           if key in {x['key'] for x in swept}]
-  runs = sorted(swept + refs, key=lambda x: (x['key'], x['train_epochs'],
-                                             x['depth']))
+  runs = sorted(swept + refs, key=_sweep_order)
   if not swept:
     return []
   out = ['', '### More capacity: ADTN depth and training length', '',
          'Do the ADTN rows come within 0.5 points of their baselines with '
          'more capacity? Whole rows (ADTN and SVD at its budget, same '
-         'baseline, initial fit and learning rate as the rows above) at '
-         'larger depths M or with more end-to-end epochs (one seed each); '
+         'baseline and initial fit as the rows above) at larger depths M, '
+         'with more end-to-end epochs or at another peak learning rate '
+         '(lr, both sides; one seed each); '
          'parameters of the encoded layers without their biases (which '
          'neither form changes), SVD at the smallest rank whose factors are '
          'not below the ADTN\'s. Gap: baseline minus ADTN after training, '
          'in points. "row above": the model\'s row of the first ADTN table.',
          '',
-         '| model | M | epochs | ADTN params (dense) | baseline | ADTN after '
-         'encoding → after training | gap | SVD rank (params) | SVD after '
-         'split → after training | ADTN training time |',
-         '|---|---|---|---|---|---|---|---|---|---|']
+         '| model | M | epochs | lr | ADTN params (dense) | baseline | ADTN '
+         'after encoding → after training | gap | SVD rank (params) | SVD '
+         'after split → after training | ADTN training time |',
+         '|---|---|---|---|---|---|---|---|---|---|---|']
   for x in runs:
     gap = 100 * (x['baseline_acc'] - x['adtn_final_acc'])
     ranks = '/'.join(str(r) for r in x['svd_ranks'].values())
@@ -192,6 +207,7 @@ def adtn_depth_sweep(sweep, rows=None):
     out.append(
         f'| {x["key"]}{" (row above)" if x.get("reference") else ""} | '
         f'{x["depth"]} | {x["train_epochs"]} | '
+        f'{adtn_settings.train_lr_of(x):g} | '
         f'{x["adtn_params"]:,} ({x["dense_params"]:,}) | '
         f'{_pct([x["baseline_acc"]])} | '
         f'{_pct([x["adtn_after_encode_acc"]])} → '
@@ -208,17 +224,16 @@ def adtn_depth_sweep(sweep, rows=None):
     best = min(mine, key=lambda x: gaps[id(x)])
     if met:
       x = min(met, key=lambda x: x['adtn_params'])
-      verdict = (f'within 0.5 points of its baseline at M={x["depth"]} '
-                 f'({x["train_epochs"]} epochs): {_pct([x["adtn_final_acc"]])}'
+      verdict = (f'within 0.5 points of its baseline at {_sweep_label(x)}: '
+                 f'{_pct([x["adtn_final_acc"]])}'
                  f'% against {_pct([x["baseline_acc"]])}% with '
                  f'{x["adtn_params"]:,} parameters for '
                  f'{x["dense_params"]:,} dense weights')
     else:
       verdict = (f'*not* within 0.5 points of its baseline in any run ('
-                 + ', '.join(f'M={x["depth"]} {x["train_epochs"]} epochs'
-                             for x in mine) + '); '
-                 f'closest M={best["depth"]} ({best["train_epochs"]} epochs):'
-                 f' {_pct([best["adtn_final_acc"]])}% against '
+                 + ', '.join(_sweep_label(x) for x in mine) + '); '
+                 f'closest {_sweep_label(best)}: '
+                 f'{_pct([best["adtn_final_acc"]])}% against '
                  f'{_pct([best["baseline_acc"]])}%, '
                  f'{gaps[id(best)]:.2f} points below, with '
                  f'{best["adtn_params"]:,} parameters for '
@@ -231,18 +246,21 @@ def adtn_depth_sweep(sweep, rows=None):
                if svd_best.get('svd_factor_params') else '') + ').']
   commands = {}
   for x in swept:
-    extra = ('' if x['train_epochs'] == adtn_settings.SETTINGS[x['key']]
-             ['train_epochs'] else f' --train-epochs {x["train_epochs"]}')
+    setting = adtn_settings.SETTINGS[x['key']]
+    extra = ('' if x['train_epochs'] == setting['train_epochs']
+             else f' --train-epochs {x["train_epochs"]}')
+    lr = adtn_settings.train_lr_of(x)
+    if lr != setting.get('train_lr', adtn_settings.TRAIN_LR):
+      extra += f' --train-lr {lr:g}'
     commands.setdefault((x['key'], extra), []).append(str(x['depth']))
   out += ['', 'Made by ' + '; '.join(
       f'`python bench/results_adtn.py --depth-sweep {" ".join(d)} '
       f'--models {key}{extra}`' for (key, extra), d in commands.items())
       + '. Runs:', '']
-  for x in sorted(swept, key=lambda x: (x['key'], x['train_epochs'],
-                                       x['depth'])):
+  for x in sorted(swept, key=_sweep_order):
     svd = ('SVD side kept from the previous run' if x.get('svd_reused')
            else 'then the SVD side')
-    out.append(f'* `{x["key"]}` M={x["depth"]}, {x["train_epochs"]} epochs '
+    out.append(f'* `{x["key"]}` {_sweep_label(x)} '
                f'({x["run_s"]:.0f} s, {svd}): `{_portable(x["command"])}`')
   return out
 

@@ -288,6 +288,29 @@ def test_adtn_depth_and_epochs_change_only_their_fields(adtn_root):
       'r', 'depth', 'fc2_M16_s0')
   assert results_adtn.depth_workdir('r', 'fc2', 16, 1, 8) == os.path.join(
       'r', 'depth', 'fc2_M16_e8_s1')
+  faster = results_adtn.row_overrides('fc2', 0, train_lr=0.01)
+  assert faster['finetune.learning_rate'] == 0.01
+  assert row['finetune.learning_rate'] == results_adtn.TRAIN_LR
+  assert ({k: v for k, v in faster.items() if k != 'finetune.learning_rate'}
+          == {k: v for k, v in row.items() if k != 'finetune.learning_rate'})
+  assert results_adtn.depth_workdir('r', 'fc2', 4, 0, 24, 0.01) == (
+      os.path.join('r', 'depth', 'fc2_M4_e24_lr0.01_s0'))
+
+
+def test_adtn_sweep_rows_at_another_learning_rate_are_their_own_rows(
+    adtn_root):
+  del adtn_root
+  old = sweep_row(4, 0.85, epochs=24)           # recorded before --train-lr
+  fast = dict(sweep_row(4, 0.86, epochs=24), train_lr=0.01)
+  runs = results_adtn.merge_sweep_row([old], fast)
+  assert len(runs) == 2                          # not a replacement
+  assert results_adtn.merge_sweep_row(runs, dict(fast, adtn_final_acc=0.87)
+                                      )[-1]['adtn_final_acc'] == 0.87
+  text = '\n'.join(write_results_md.adtn_depth_sweep({'runs': runs}))
+  assert '| 24 | 0.003 |' in text and '| 24 | 0.01 |' in text
+  assert 'closest M=4 24 epochs at lr 0.01: 86.00%' in text
+  assert '--depth-sweep 4 --models fc2 --train-epochs 24 --train-lr 0.01' in (
+      text)
 
 
 @pytest.mark.parametrize('params_after,rank', [(1089, 2), (1040, 1),
@@ -359,9 +382,9 @@ def test_adtn_depth_sweep_table_states_the_half_point_goal(finals, verdict):
       {'runs': [sweep_row(m, f) for m, f in finals.items()]}, main_rows)
   text = '\n'.join(lines)
   assert verdict in text
-  assert '| fc2 (row above) | 4 | 4 | 1,089 (200,704) |' in text
+  assert '| fc2 (row above) | 4 | 4 | 0.003 | 1,089 (200,704) |' in text
   assert '| 1 (–) |' in text and 'lenet5' not in text
-  assert ('| fc2 | 16 | 4 | 4,353 (200,704) | 88.59 | 10.00 → **'
+  assert ('| fc2 | 16 | 4 | 0.003 | 4,353 (200,704) | 88.59 | 10.00 → **'
           in text)
   assert '| 8 (8,320) | 20.00 → **87.00** | 600 s |' in text
   assert '`python bench/results_adtn.py --depth-sweep 8 16 --models fc2`' in (
