@@ -57,10 +57,10 @@ BASELINES = os.path.join('runs', 'adtn', 'baselines')
 # The initial fit of every row: measured on fc2 with --fit-sweep (the
 # "_fit_sweep" entry of docs/results_adtn.json, shown in docs/results.md).
 FIT_STEPS = 20
+FIT_NOISE = 0.02
 # Peak learning rate of the end-to-end training (both sides) unless a row's
 # SETTINGS or --train-lr say otherwise.
 TRAIN_LR = 0.003
-FIT_NOISE = 0.02
 
 SETTINGS = {
     'fc2': dict(select='fc1', num_epochs=8, train_epochs=4, depth=4,
@@ -132,8 +132,7 @@ def row_overrides(key, seed, *, depth=None, train_epochs=None,
                'finetune.num_epochs': (s['train_epochs'] if train_epochs is None
                                        else train_epochs),
                'finetune.learning_rate': (
-                   s.get('train_lr', TRAIN_LR) if train_lr is None
-                   else train_lr),
+                   default_train_lr(key) if train_lr is None else train_lr),
                # The initial fit (see FIT_STEPS), rescaled to the
                # kernel's norm: with the least-squares scale instead
                # (match_norm=False; ||W_hat|| ~ 0.14 ||W||) fc2 ended at
@@ -332,10 +331,15 @@ def depth_workdir(root, key, depth, seed, train_epochs=None, train_lr=None):
   return os.path.join(root, 'depth', f'{key}_M{depth}{epochs}{rate}_s{seed}')
 
 
+def default_train_lr(key):
+  """The end-to-end learning rate of a SETTINGS row."""
+  return SETTINGS[key].get('train_lr', TRAIN_LR)
+
+
 def train_lr_of(row):
   """A recorded row's end-to-end learning rate (rows from before
   --train-lr: their SETTINGS' rate)."""
-  return row.get('train_lr', SETTINGS[row['key']].get('train_lr', TRAIN_LR))
+  return row.get('train_lr', default_train_lr(row['key']))
 
 
 def merge_sweep_row(runs, row):

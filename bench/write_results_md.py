@@ -162,10 +162,9 @@ def _sweep_label(x):
   """'M=4 24 epochs', with ' at lr 0.01' where the rate is not the
   row's default."""
   lr = adtn_settings.train_lr_of(x)
-  default = adtn_settings.SETTINGS[x['key']].get('train_lr',
-                                                 adtn_settings.TRAIN_LR)
   return (f'M={x["depth"]} {x["train_epochs"]} epochs'
-          + ('' if lr == default else f' at lr {lr:g}'))
+          + ('' if lr == adtn_settings.default_train_lr(x['key'])
+             else f' at lr {lr:g}'))
 
 
 def adtn_depth_sweep(sweep, rows=None):
@@ -250,7 +249,7 @@ def adtn_depth_sweep(sweep, rows=None):
     extra = ('' if x['train_epochs'] == setting['train_epochs']
              else f' --train-epochs {x["train_epochs"]}')
     lr = adtn_settings.train_lr_of(x)
-    if lr != setting.get('train_lr', adtn_settings.TRAIN_LR):
+    if lr != adtn_settings.default_train_lr(x['key']):
       extra += f' --train-lr {lr:g}'
     commands.setdefault((x['key'], extra), []).append(str(x['depth']))
   out += ['', 'Made by ' + '; '.join(
