@@ -19,13 +19,16 @@ and FIT_NOISE below are the best of it.
 
   python bench/results_adtn.py --depth-sweep 8 16 32 [--models fc2]
                                [--train-epochs 8] [--train-lr 0.01]
+                               [--normalize]
 
 runs the whole row (ADTN and SVD at its budget) once per depth M (into
-runs/adtn/depth/<model>_M<M>[_e<epochs>][_lr<rate>]_s<seed>, both sides
-trained at that learning rate; a finished ADTN run is read
-back, its SVD side redone) and records the rows under ``"_depth_sweep"`` in
-docs/results_adtn.json; the other rows are left as they are. Without
-``--models`` the sweep runs fc2 only.
+runs/adtn/depth/<model>_M<M>[_e<epochs>][_lr<rate>][_norm]_s<seed>, both
+sides trained at that learning rate; with ``--normalize`` the ADTN decode
+is normalized, ``adtn.normalize=True``; a finished ADTN run is read back,
+its SVD side redone unless the sweep holds one with the same budget and
+training, e.g. from the same row without ``--normalize``) and records the
+rows under ``"_depth_sweep"`` in docs/results_adtn.json; the other rows are
+left as they are. Without ``--models`` the sweep runs fc2 only.
 """
 
 from __future__ import annotations
@@ -119,11 +122,12 @@ def _record(key, value):
 
 
 def row_overrides(key, seed, *, depth=None, train_epochs=None,
-                  train_lr=None, **fit):
+                  train_lr=None, normalize=False, **fit):
   """The train.py config fields of one row.
 
   ``depth``, ``train_epochs`` and ``train_lr`` (None: the row's SETTINGS)
-  are the depth sweep's; ``fit`` overrides FIT_*.
+  and ``normalize`` (the normalized decode) are the depth sweep's; ``fit``
+  overrides FIT_*.
   """
   s = SETTINGS[key]
   overrides = {'pipeline': 'adtn', 'seed': seed,
@@ -144,6 +148,8 @@ def row_overrides(key, seed, *, depth=None, train_epochs=None,
                **s.get('overrides', {})}
   if s.get('share'):
     overrides['adtn.share'] = True
+  if normalize:
+    overrides['adtn.normalize'] = True
   if s.get('pretrained'):
     if not os.path.isdir(os.path.join(ROOT, s['pretrained'])):
       raise SystemExit(f'{key}: no baseline at {s["pretrained"]}; train '
@@ -301,6 +307,7 @@ def run_row(key, seed, workdir, overrides, *, reuse=False, old=None):
       'layers': sorted(encoded), 'depth': overrides['adtn.depth'],
       'train_epochs': overrides['finetune.num_epochs'],
       'train_lr': overrides['finetune.learning_rate'],
+      'normalize': bool(overrides.get('adtn.normalize', False)),
       'shared': bool(s.get('share')),
       'dense_params': dense_params, 'adtn_params': adtn_params,
       'rel_error': {p: d['rel_error'] for p, d in encoded.items()},
@@ -324,11 +331,15 @@ def run_row(key, seed, workdir, overrides, *, reuse=False, old=None):
   }
 
 
-def depth_workdir(root, key, depth, seed, train_epochs=None, train_lr=None):
-  """``<root>/depth/<key>_M<depth>[_e<epochs>][_lr<rate>]_s<seed>``."""
+def depth_workdir(root, key, depth, seed, train_epochs=None, train_lr=None,
+                  normalize=False):
+  """``<root>/depth/<key>_M<depth>[_e<epochs>][_lr<rate>][_norm]_s<seed>``.
+  """
   epochs = '' if train_epochs is None else f'_e{train_epochs}'
   rate = '' if train_lr is None else f'_lr{train_lr:g}'
-  return os.path.join(root, 'depth', f'{key}_M{depth}{epochs}{rate}_s{seed}')
+  norm = '_norm' if normalize else ''
+  return os.path.join(root, 'depth',
+                      f'{key}_M{depth}{epochs}{rate}{norm}_s{seed}')
 
 
 def default_train_lr(key):
@@ -342,30 +353,52 @@ def train_lr_of(row):
   return row.get('train_lr', default_train_lr(row['key']))
 
 
+def _sweep_ident(x, *, decode=True):
+  """What tells sweep rows apart (``decode``: the normalized decode too;
+  without it, the rows whose SVD sides are the same)."""
+  ident = (x['key'], x['depth'], x.get('train_epochs'), train_lr_of(x),
+           x['seed'])
+  return ident + (bool(x.get('normalize')),) if decode else ident
+
+
 def merge_sweep_row(runs, row):
-  """``runs`` with ``row`` replacing the one of its key, depth and epochs."""
-  ident = lambda x: (x['key'], x['depth'], x.get('train_epochs'),
-                     train_lr_of(x), x['seed'])
-  same = lambda x: ident(x) == ident(row)
-  return [x for x in runs if not same(x)] + [row]
+  """``runs`` with ``row`` replacing the one of its key, depth, epochs,
+  rate, seed and decode."""
+  return [x for x in runs if _sweep_ident(x) != _sweep_ident(row)] + [row]
+
+
+def svd_twin(runs, key, depth, seed, overrides):
+  """A recorded sweep row with the same SVD side as the row about to run
+  (same key, depth, epochs, rate and seed; either decode), or None."""
+  want = (key, depth, overrides['finetune.num_epochs'],
+          overrides['finetune.learning_rate'], seed)
+  return next((x for x in runs if _sweep_ident(x, decode=False) == want),
+              None)
+
+
+def _sweep_runs():
+  """The rows recorded under ``"_depth_sweep"`` so far."""
+  results = {}
+  if os.path.exists(RESULTS_JSON):
+    with open(RESULTS_JSON) as f:
+      results = json.load(f)
+  return results.get('_depth_sweep', {}).get('runs', [])
 
 
 def depth_sweep(keys, depths, *, seed, root, train_epochs=None,
-                train_lr=None):
+                train_lr=None, normalize=False):
   """Whole rows (ADTN + SVD) per depth; into ``"_depth_sweep"``."""
   for key in keys:
     for depth in depths:
-      workdir = depth_workdir(root, key, depth, seed, train_epochs, train_lr)
+      workdir = depth_workdir(root, key, depth, seed, train_epochs, train_lr,
+                              normalize)
       overrides = row_overrides(key, seed, depth=depth,
-                                train_epochs=train_epochs, train_lr=train_lr)
-      row = run_row(key, seed, workdir, overrides, reuse=True)
+                                train_epochs=train_epochs, train_lr=train_lr,
+                                normalize=normalize)
+      twin = svd_twin(_sweep_runs(), key, depth, seed, overrides)
+      row = run_row(key, seed, workdir, overrides, reuse=True, old=twin)
       print(json.dumps(row), flush=True)
-      results = {}
-      if os.path.exists(RESULTS_JSON):
-        with open(RESULTS_JSON) as f:
-          results = json.load(f)
-      runs = results.get('_depth_sweep', {}).get('runs', [])
-      _record('_depth_sweep', {'runs': merge_sweep_row(runs, row)})
+      _record('_depth_sweep', {'runs': merge_sweep_row(_sweep_runs(), row)})
 
 
 def main():
@@ -389,8 +422,11 @@ def main():
   parser.add_argument('--train-lr', type=float,
                       help='peak end-to-end learning rate of the depth sweep '
                            "(both sides; default: the row's)")
+  parser.add_argument('--normalize', action='store_true', default=None,
+                      help='depth sweep with the normalized ADTN decode '
+                           '(adtn.normalize=True)')
   args = parser.parse_args()
-  for flag in ('train_epochs', 'train_lr'):
+  for flag in ('train_epochs', 'train_lr', 'normalize'):
     if getattr(args, flag) is not None and not args.depth_sweep:
       parser.error(f'--{flag.replace("_", "-")} is an option of '
                    '--depth-sweep')
@@ -405,7 +441,7 @@ def main():
   if args.depth_sweep:
     depth_sweep(args.models or ['fc2'], args.depth_sweep, seed=args.seed,
                 root=args.root, train_epochs=args.train_epochs,
-                train_lr=args.train_lr)
+                train_lr=args.train_lr, normalize=bool(args.normalize))
     return
   results = {}
   if os.path.exists(RESULTS_JSON):

@@ -154,17 +154,18 @@ def _gpu_sections(rows):
 
 
 def _sweep_order(x):
-  return (x['key'], x['train_epochs'], adtn_settings.train_lr_of(x),
-          x['depth'])
+  return (x['key'], bool(x.get('normalize')), x['train_epochs'],
+          adtn_settings.train_lr_of(x), x['depth'])
 
 
 def _sweep_label(x):
   """'M=4 24 epochs', with ' at lr 0.01' where the rate is not the
-  row's default."""
+  row's default and ', normalized' for the normalized decode."""
   lr = adtn_settings.train_lr_of(x)
   return (f'M={x["depth"]} {x["train_epochs"]} epochs'
           + ('' if lr == adtn_settings.default_train_lr(x['key'])
-             else f' at lr {lr:g}'))
+             else f' at lr {lr:g}')
+          + (', normalized' if x.get('normalize') else ''))
 
 
 def adtn_depth_sweep(sweep, rows=None):
@@ -187,17 +188,21 @@ def adtn_depth_sweep(sweep, rows=None):
          'Do the ADTN rows come within 0.5 points of their baselines with '
          'more capacity? Whole rows (ADTN and SVD at its budget, same '
          'baseline and initial fit as the rows above) at larger depths M, '
-         'with more end-to-end epochs or at another peak learning rate '
-         '(lr, both sides; one seed each); '
+         'with more end-to-end epochs, at another peak learning rate '
+         '(lr, both sides) or with the normalized decode (decode: '
+         '"normalized", `adtn.normalize=True`: the decoded entries divided '
+         'by their norm, so the kernel\'s norm is the learned scale\'s and '
+         'cannot collapse with the gates\' product; "plain" otherwise); '
+         'one seed each; '
          'parameters of the encoded layers without their biases (which '
          'neither form changes), SVD at the smallest rank whose factors are '
          'not below the ADTN\'s. Gap: baseline minus ADTN after training, '
          'in points. "row above": the model\'s row of the first ADTN table.',
          '',
-         '| model | M | epochs | lr | ADTN params (dense) | baseline | ADTN '
-         'after encoding → after training | gap | SVD rank (params) | SVD '
-         'after split → after training | ADTN training time |',
-         '|---|---|---|---|---|---|---|---|---|---|---|']
+         '| model | M | epochs | lr | decode | ADTN params (dense) | baseline '
+         '| ADTN after encoding → after training | gap | SVD rank (params) | '
+         'SVD after split → after training | ADTN training time |',
+         '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for x in runs:
     gap = 100 * (x['baseline_acc'] - x['adtn_final_acc'])
     ranks = '/'.join(str(r) for r in x['svd_ranks'].values())
@@ -207,6 +212,7 @@ def adtn_depth_sweep(sweep, rows=None):
         f'| {x["key"]}{" (row above)" if x.get("reference") else ""} | '
         f'{x["depth"]} | {x["train_epochs"]} | '
         f'{adtn_settings.train_lr_of(x):g} | '
+        f'{"normalized" if x.get("normalize") else "plain"} | '
         f'{x["adtn_params"]:,} ({x["dense_params"]:,}) | '
         f'{_pct([x["baseline_acc"]])} | '
         f'{_pct([x["adtn_after_encode_acc"]])} → '
@@ -251,6 +257,8 @@ def adtn_depth_sweep(sweep, rows=None):
     lr = adtn_settings.train_lr_of(x)
     if lr != adtn_settings.default_train_lr(x['key']):
       extra += f' --train-lr {lr:g}'
+    if x.get('normalize'):
+      extra += ' --normalize'
     commands.setdefault((x['key'], extra), []).append(str(x['depth']))
   out += ['', 'Made by ' + '; '.join(
       f'`python bench/results_adtn.py --depth-sweep {" ".join(d)} '

@@ -102,6 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.adtn.fit_learning_rate = 1e-2  # Learning rate of that fit.
   config.adtn.noise = 0.02  # Init noise on identity gates (measured: docs/results.md).
   config.adtn.match_norm = True  # Rescale the fit to the kernel's norm.
+  config.adtn.normalize = False  # Decode W = scale * s / ||s||: no collapse.
   config.adtn.min_size = 4096  # Smaller kernels stay dense.
   config.adtn.share = False  # One ADTN for all selected layers (the paper's VGG case).
   config.early_stopping_patience = 0  # Stop after k evals without gain (0: off).

@@ -107,7 +107,8 @@ def adtn_encode(params, *, select=None, depth: Depth,
                 learning_rate: float = 1e-2, key: jax.Array | None = None,
                 min_size: int = 4096, noise: float = 0.1, clip: float = 1.0,
                 channel_scale: bool = False, match_norm: bool = False,
-                share: bool = False, report: bool = False):
+                normalize: bool = False, share: bool = False,
+                report: bool = False):
   """Encodes selected layers' kernels as deep ADTNs fitted by gradient descent.
 
   Each selected layer's kernel ``W`` (of any form: non-dense layers are
@@ -151,6 +152,11 @@ def adtn_encode(params, *, select=None, depth: Depth,
       whose least-squares fit shrinks towards 0; see
       :func:`lowrank_jax.forms.adtn.fit`). The reported error is then that
       of the rescaled kernel.
+    normalize: decode normalized: the kept entries divided by their norm
+      before the scale, so in end-to-end training the kernel's norm is the
+      learned scale's alone and cannot collapse with the gates' product
+      (:mod:`lowrank_jax.forms.adtn`). Off by default (the decode of
+      variables saved without it).
     share: encode all selected (eligible) layers with ONE network fitted to
       their concatenated kernels (``depth`` must then be an int;
       ``channel_scale`` is not available; ``min_size`` applies per layer and
@@ -165,8 +171,8 @@ def adtn_encode(params, *, select=None, depth: Depth,
     their bias, and the tree gains ``adtn_shared/g<k>``. Otherwise encoded
     layers hold ``adtn_gates``
     (M, Q-1, 2, 2, 2, 2), ``adtn_scale`` () or (C_out,), and the zero-size
-    carriers ``adtn_shape`` (0, *kernel_shape), ``adtn_nonlin`` (0, code),
-    plus their bias.
+    carriers ``adtn_shape`` (0, *kernel_shape), ``adtn_nonlin`` (0, code)
+    ((0, code, 2) with ``normalize``), plus their bias.
 
   Raises:
     ValueError: depth < 1, unknown nonlinearity, a selection rule matching
@@ -189,10 +195,11 @@ def adtn_encode(params, *, select=None, depth: Depth,
         params, select=select, depth=depth, nonlinearity=nonlinearity,
         steps=steps, learning_rate=learning_rate, key=key, min_size=min_size,
         noise=noise, clip=clip, channel_scale=channel_scale,
-        match_norm=match_norm, report=report)
+        match_norm=match_norm, normalize=normalize, report=report)
   fit_options = dict(nonlinearity=nonlinearity, steps=steps,
                      learning_rate=learning_rate, noise=noise, clip=clip,
-                     channel_scale=channel_scale, match_norm=match_norm)
+                     channel_scale=channel_scale, match_norm=match_norm,
+                     normalize=normalize)
   new, actions, results = _encode_per_layer(
       params, select=select, depth=depth, key=key, min_size=min_size,
       fit_options=fit_options)
@@ -263,7 +270,7 @@ def _per_layer_actions(params, actions, results) -> list[ADTNLayerAction]:
 
 def _encode_shared(params, *, select, depth, nonlinearity, steps,
                    learning_rate, key, min_size, noise, clip, channel_scale,
-                   match_norm, report):
+                   match_norm, normalize, report):
   """adtn_encode(..., share=True): one network for all selected layers."""
   m = _check_shared_options(depth, channel_scale)
   bare, rebuild = tree.split_variables(params)
@@ -291,7 +298,7 @@ def _encode_shared(params, *, select, depth, nonlinearity, steps,
         {p: kernels[p] for p in members}, all_layers, index, m,
         key=key, nonlinearity=nonlinearity, steps=steps,
         learning_rate=learning_rate, noise=noise, clip=clip,
-        match_norm=match_norm)
+        match_norm=match_norm, normalize=normalize)
   result = tree.replace_layers(bare, new)
   if members:
     result = {**result, shared_form.ROOT: groups}
@@ -352,7 +359,8 @@ def _fit_shared(kernels, all_layers, index, m, *, key, **fit_options):
   flat = jnp.concatenate([k.reshape(-1) for k in kernels.values()])
   fitted, _, _ = adtn_form.fit(flat, m, key=key, **fit_options)
   g = shared_form.group(fitted['adtn_gates'], fitted['adtn_scale'],
-                        flat.size, fit_options['nonlinearity'], flat.dtype)
+                        flat.size, fit_options['nonlinearity'], flat.dtype,
+                        normalize=fit_options['normalize'])
   decoded = shared_form.decode_group(g)
   new, errors, start = {}, {}, 0
   for path, k in kernels.items():

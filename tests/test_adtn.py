@@ -18,6 +18,7 @@ from lowrank_jax import models
 from lowrank_jax import transforms
 from lowrank_jax import tree
 from lowrank_jax.forms import adtn as adtn_form
+from lowrank_jax.forms import adtn_shared as adtn_shared_form
 
 _ACTS = {'relu': lambda x: np.maximum(x, 0), 'tanh': np.tanh,
          'identity': lambda x: x}
@@ -69,6 +70,73 @@ def test_to_kernel_crops_padding_reshapes_and_scales(channel_scale):
   assert adtn_form.ranks(v) == (m, q)
   want = _naive_state(gates, 'relu')[:15].reshape(shape) * np.asarray(scale)
   np.testing.assert_allclose(forms.to_kernel(v), want, rtol=1e-4, atol=1e-5)
+
+
+def test_normalized_decode_norm_is_the_scale_and_ignores_gate_scaling():
+  q, m, shape = 5, 3, (4, 7)                # 28 of 32 entries kept
+  gates = _random_gates(jax.random.PRNGKey(4), m, q)
+  v = {'adtn_gates': gates, 'adtn_scale': jnp.asarray(-2.5),
+       **adtn_form.metadata(shape, 'relu', normalize=True)}
+  assert forms.identify(v) == 'adtn' and adtn_form.normalized(v)
+  assert v['adtn_nonlin'].shape == (0, 1, 2)
+  state = _naive_state(gates, 'relu')[:28]
+  want = -2.5 * state / np.linalg.norm(state)
+  w = forms.to_kernel(v)
+  np.testing.assert_allclose(w, want.reshape(shape), rtol=1e-4, atol=1e-6)
+  assert math.isclose(float(jnp.linalg.norm(w)), 2.5, rel_tol=1e-5)
+  # Shrinking or growing any gate (or all of them: the collapse seen in
+  # training) leaves the kernel as it was: ReLU is positively homogeneous,
+  # and the state, normalized after every layer, neither under- nor
+  # overflows (gates * 1e-3 or * 1e3: a factor 1e-36 or 1e36 per layer).
+  for factor in (1e-3, 0.5, 40.0):
+    shrunk = gates.at[1, 2].multiply(factor)
+    np.testing.assert_allclose(
+        forms.to_kernel({**v, 'adtn_gates': shrunk}), w, rtol=1e-4,
+        atol=1e-6)
+  for factor in (1e-3, 1e3):
+    np.testing.assert_allclose(
+        forms.to_kernel({**v, 'adtn_gates': gates * factor}), w, rtol=1e-4,
+        atol=1e-6)
+  # So no gradient step changes a gate's norm to first order: each gate's
+  # gradient is orthogonal to the gate.
+  probe = jax.random.normal(jax.random.PRNGKey(5), shape)
+  grad = jax.grad(lambda g: jnp.sum(adtn_form.decode(
+      g, jnp.asarray(1.0), shape, 'relu', normalize=True) * probe))(gates)
+  dots = jnp.einsum('mi...,mi...->mi', grad, gates)
+  scale = float(jnp.abs(grad).max() * jnp.abs(gates).max())
+  assert float(jnp.abs(dots).max()) < 1e-4 * scale
+  assert float(jnp.abs(grad).max()) > 0
+  # Carriers saved before the normalized decode (two axes) decode as before.
+  plain = {**v, **adtn_form.metadata(shape, 'relu')}
+  assert not adtn_form.normalized(plain)
+  np.testing.assert_allclose(forms.to_kernel(plain),
+                             -2.5 * state.reshape(shape), rtol=1e-4,
+                             atol=1e-6)
+  assert adtn_form.decode_macs(v) == adtn_form.decode_macs(plain) + (
+      (m - 1) * 2 ** (q + 1) + 28)
+
+
+def test_normalized_fit_and_encode_give_the_same_kernel_as_plain():
+  # The fit's loss is scale-invariant, so the same key and steps give the
+  # same gates; the kernels then agree (same norm, same direction).
+  kernel = jax.random.normal(jax.random.PRNGKey(6), (24, 40))
+  params = {'layer': {'kernel': kernel, 'bias': jnp.zeros(40)}}
+  out = {}
+  for normalize in (False, True):
+    out[normalize], rep = adtn.adtn_encode(
+        params, depth=2, steps=15, min_size=1, normalize=normalize,
+        match_norm=True, report=True, key=jax.random.PRNGKey(0))
+    assert rep[0].rel_error <= math.sqrt(2) + 1e-5
+  layer = out[True]['layer']
+  assert adtn_form.normalized(layer)
+  assert not adtn_form.normalized(out[False]['layer'])
+  assert set(layer) == adtn_form.KEYS | {'bias'}
+  np.testing.assert_allclose(forms.to_kernel(layer),
+                             forms.to_kernel(out[False]['layer']),
+                             rtol=2e-3, atol=2e-4)
+  np.testing.assert_allclose(jnp.linalg.norm(forms.to_kernel(layer)),
+                             jnp.linalg.norm(kernel), rtol=1e-5)
+  assert count_params(out[True]) == count_params(out[False])
 
 
 @pytest.mark.parametrize('nonlin', ['tanh', 'relu'])
@@ -356,6 +424,34 @@ def test_shared_adtn_one_network_for_two_layers():
   out = lj.apply(model, new, x)
   np.testing.assert_allclose(out, lj.apply(model, dense, x), rtol=1e-5,
                              atol=1e-5)
+
+
+def test_shared_adtn_normalized_decode():
+  model = models.get_model('lenet5')
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 28, 28, 1))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  new = adtn.adtn_encode(variables, select='fc1|fc2', depth=2, steps=3,
+                         noise=0.5, share=True, normalize=True,
+                         key=jax.random.PRNGKey(0))
+  group = new['params']['adtn_shared']['g0']
+  assert adtn_form.normalized(group)
+  flat = np.asarray(adtn_form.contract(group['adtn_gates'], 'relu'))[:58080]
+  flat = flat / np.linalg.norm(flat) * float(group['adtn_scale'])
+  np.testing.assert_allclose(adtn_shared_form.decode_group(group), flat,
+                             rtol=1e-4, atol=1e-7)
+  # A group's whole decode has the scale's norm, so shrunk gates change
+  # nothing, even at 0.05^30 ~ 1e-39 over M (Q-1) = 30 gates (the state
+  # is normalized per layer); the model runs it as the unshared tree.
+  shrunk = {**group, 'adtn_gates': group['adtn_gates'] * 0.05}
+  np.testing.assert_allclose(adtn_shared_form.decode_group(shrunk), flat,
+                             rtol=1e-4, atol=1e-7)
+  dense = adtn.adtn_unshare(new)
+  np.testing.assert_allclose(
+      dense['params']['fc2']['kernel'],
+      flat[48000:].reshape(120, 84) * float(
+          new['params']['fc2']['adtn_ref_scale']), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(lj.apply(model, new, x),
+                             lj.apply(model, dense, x), rtol=1e-5, atol=1e-5)
 
 
 def test_shared_adtn_gradients_from_all_members_reach_the_gates():

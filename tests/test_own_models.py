@@ -473,6 +473,12 @@ def test_nnx_adtn_cp_and_never_slower(nnx_model, real_images):
   assert lj.layer_forms(enc)['head'] == 'adtn'
   enc.eval()
   assert enc(x).shape == (8, 10)
+  # The normalized decode's carrier rides in an NNX module as well.
+  norm = lj.adtn_encode(nnx_model, select='head', depth=2, steps=20,
+                        min_size=16, normalize=True,
+                        key=jax.random.PRNGKey(0))
+  norm.eval()
+  np.testing.assert_allclose(norm(x), enc(x), rtol=2e-3, atol=2e-3)
   with pytest.raises(ValueError, match='share=False'):
     lj.adtn_encode(nnx_model, select='head|mix', depth=2, steps=5,
                    min_size=16, share=True, key=jax.random.PRNGKey(0))

@@ -307,10 +307,46 @@ def test_adtn_sweep_rows_at_another_learning_rate_are_their_own_rows(
   assert results_adtn.merge_sweep_row(runs, dict(fast, adtn_final_acc=0.87)
                                       )[-1]['adtn_final_acc'] == 0.87
   text = '\n'.join(write_results_md.adtn_depth_sweep({'runs': runs}))
-  assert '| 24 | 0.003 |' in text and '| 24 | 0.01 |' in text
+  assert '| 24 | 0.003 | plain |' in text and '| 24 | 0.01 | plain |' in text
   assert 'closest M=4 24 epochs at lr 0.01: 86.00%' in text
   assert '--depth-sweep 4 --models fc2 --train-epochs 24 --train-lr 0.01' in (
       text)
+
+
+def test_adtn_normalized_sweep_rows_reuse_the_plain_rows_svd_side(
+    tmp_path, monkeypatch, adtn_root):
+  del adtn_root
+  norm = results_adtn.row_overrides('lenet5', 0, depth=16, train_epochs=12,
+                                    normalize=True)
+  plain = results_adtn.row_overrides('lenet5', 0, depth=16, train_epochs=12)
+  assert norm == dict(plain, **{'adtn.normalize': True})
+  assert results_adtn.depth_workdir('r', 'lenet5', 16, 0, 12, None,
+                                    True) == os.path.join(
+                                        'r', 'depth', 'lenet5_M16_e12_norm_s0')
+  path = tmp_path / 'results_adtn.json'
+  twin = sweep_row(16, 0.1, epochs=12, key='lenet5', base=0.8976)
+  other = dict(twin, train_lr=0.01)
+  path.write_text(json.dumps({'_depth_sweep': {'runs': [other, twin]}}))
+  monkeypatch.setattr(results_adtn, 'RESULTS_JSON', str(path))
+  olds = []
+  def fake_row(key, seed, workdir, overrides, *, reuse=False, old=None):
+    del key, seed, workdir, reuse
+    olds.append(old)
+    return dict(twin, adtn_final_acc=0.895,
+                normalize=overrides.get('adtn.normalize', False))
+  monkeypatch.setattr(results_adtn, 'run_row', fake_row)
+  results_adtn.depth_sweep(['lenet5'], [16], seed=0, root='r',
+                           train_epochs=12, normalize=True)
+  assert olds == [twin]          # the plain row at the same rate: its SVD
+  runs = json.loads(path.read_text())['_depth_sweep']['runs']
+  assert len(runs) == 3          # the plain rows stay, the new one is added
+  text = '\n'.join(write_results_md.adtn_depth_sweep({'runs': runs}))
+  assert '| lenet5 | 16 | 12 | 0.003 | normalized | ' in text
+  assert '| lenet5 | 16 | 12 | 0.003 | plain | ' in text
+  assert ('within 0.5 points of its baseline at M=16 12 epochs, normalized: '
+          '89.50%') in text
+  assert ('--depth-sweep 16 --models lenet5 --train-epochs 12 --normalize`'
+          in text)
 
 
 @pytest.mark.parametrize('params_after,rank', [(1089, 2), (1040, 1),
@@ -382,10 +418,11 @@ def test_adtn_depth_sweep_table_states_the_half_point_goal(finals, verdict):
       {'runs': [sweep_row(m, f) for m, f in finals.items()]}, main_rows)
   text = '\n'.join(lines)
   assert verdict in text
-  assert '| fc2 (row above) | 4 | 4 | 0.003 | 1,089 (200,704) |' in text
+  assert '| fc2 (row above) | 4 | 4 | 0.003 | plain | 1,089 (200,704) |' in (
+      text)
   assert '| 1 (–) |' in text and 'lenet5' not in text
-  assert ('| fc2 | 16 | 4 | 0.003 | 4,353 (200,704) | 88.59 | 10.00 → **'
-          in text)
+  assert ('| fc2 | 16 | 4 | 0.003 | plain | 4,353 (200,704) | 88.59 | '
+          '10.00 → **' in text)
   assert '| 8 (8,320) | 20.00 → **87.00** | 600 s |' in text
   assert '`python bench/results_adtn.py --depth-sweep 8 16 --models fc2`' in (
       text)

@@ -13,10 +13,20 @@ row-major flattened kernel:
    a layer sees the output of gate ``i - 1``);
 3. between two layers (not before the first, not after the last) apply the
    elementwise nonlinearity (``'relu'`` default, ``'tanh'``, ``'identity'``);
-4. multiply by the learned scale and keep the first ``N`` of the ``2^Q``
-   entries (padding: the ``2^Q - N`` trailing entries are decoded but never
-   used, so they are unconstrained — the fit ignores them), reshaped row-major
-   to the kernel shape (HWIO for convs, ``(C_in, C_out)`` for dense layers).
+4. keep the first ``N`` of the ``2^Q`` entries (padding: the ``2^Q - N``
+   trailing entries are decoded but never used, so they are unconstrained —
+   the fit ignores them), in a *normalized* decode divide them by their
+   Euclidean norm, multiply by the learned scale and reshape row-major to the
+   kernel shape (HWIO for convs, ``(C_in, C_out)`` for dense layers).
+
+The normalized decode (``normalize=True`` in :func:`fit`, off by default)
+makes the kernel's direction the gates' job and its norm the scale's alone,
+as weight normalization does for a dense kernel (Salimans and Kingma 2016).
+Without it the kernel's norm is the scale times the norm of a product of
+``M (Q-1)`` gates, which end-to-end training can shrink by orders of
+magnitude within a hundred steps (LeNet-5 at M=16, or M=8 at learning rate
+1e-2: the network fell to chance accuracy, docs/results.md); with it the
+kernel's norm is ``|scale|`` whatever the gates do.
 
 Gate ``G = gates[m, i]`` has shape ``(2, 2, 2, 2)`` indexed
 ``G[out_i, out_{i+1}, in_i, in_{i+1}]``; as a 4x4 matrix ``G.reshape(4, 4)``
@@ -40,7 +50,9 @@ by a gradient step, and keep every variable a float array):
     kernel's norm; the scale absorbs the norm so the gates only shape it.
   adtn_shape: ``zeros((0, *kernel_shape))`` carries the kernel shape.
   adtn_nonlin: ``zeros((0, code))`` carries the nonlinearity,
-    ``code = 1 + NONLINEARITIES.index(name)``.
+    ``code = 1 + NONLINEARITIES.index(name)``, and ``zeros((0, code, 2))``
+    the nonlinearity of a normalized decode (variables saved before the
+    normalized decode existed have two axes and decode as before).
   bias: the layer's bias, unchanged.
 
 Zero-size arrays pass through jit, grad, optax, Flax msgpack and pickle, but
@@ -126,25 +138,50 @@ def ranks(v):
   return (int(v['adtn_gates'].shape[0]), int(v['adtn_gates'].shape[1]) + 1)
 
 
-def metadata(shape: Sequence[int], nonlin: str, dtype=jnp.float32) -> dict:
-  """The zero-size carrier variables for a kernel shape and nonlinearity."""
+def normalized(v) -> bool:
+  """Whether the decode is normalized, read from ``adtn_nonlin``."""
+  carrier = v['adtn_nonlin']
+  return carrier.ndim == 3 and int(carrier.shape[2]) == 2
+
+
+def metadata(shape: Sequence[int], nonlin: str, dtype=jnp.float32, *,
+             normalize: bool = False) -> dict:
+  """The zero-size carrier variables for a kernel shape, nonlinearity and
+  decode (normalized or not)."""
   code = 1 + _NAMES.index(check_nonlinearity(nonlin))
+  carrier = (0, code, 2) if normalize else (0, code)
   return {'adtn_shape': jnp.zeros((0, *shape), dtype),
-          'adtn_nonlin': jnp.zeros((0, code), dtype)}
+          'adtn_nonlin': jnp.zeros(carrier, dtype)}
 
 
 # ---------------------------------------------------------------------------
 # Decoding.
 
 
-@functools.partial(jax.jit, static_argnames=('nonlin',))
-def contract(gates: jax.Array, nonlin: str = 'relu') -> jax.Array:
+def unit(x: jax.Array) -> jax.Array:
+  """``x / ||x||`` (Euclidean norm over all entries); 0 stays 0.
+
+  ``x`` is divided by its largest magnitude first, so the squares neither
+  underflow (entries ~1e-20 in float32) nor overflow.
+  """
+  peak = jnp.max(jnp.abs(x))
+  y = x / jnp.where(peak > 0, peak, 1)
+  return y * jax.lax.rsqrt(jnp.maximum(jnp.sum(y * y), 1))
+
+
+@functools.partial(jax.jit, static_argnames=('nonlin', 'normalize'))
+def contract(gates: jax.Array, nonlin: str = 'relu', *,
+             normalize: bool = False) -> jax.Array:
   """The network's output state: a flat ``(2^Q,)`` vector.
 
   Args:
     gates: ``(M, Q-1, 2, 2, 2, 2)``, ``gates[m, i][o_i, o_{i+1}, i_i,
       i_{i+1}]``.
     nonlin: the nonlinearity applied between layers.
+    normalize: divide the state by its norm after every layer (the
+      normalized decode's), so a product of ``M (Q-1)`` gates that grow or
+      shrink never over- or underflows; with 'relu' or 'identity' (positively
+      homogeneous) the state's direction is the same as without.
 
   Returns:
     ``(2^Q,)`` in the gates' dtype (at least float32), qubit 0 the most
@@ -163,29 +200,33 @@ def contract(gates: jax.Array, nonlin: str = 'relu') -> jax.Array:
     state = jnp.einsum('xyj,aj->axy', gates[0, i, :, :, :, 0],
                        state.reshape(-1, 2)).reshape(-1)
   for m in range(1, m_layers):
-    state = act(state)
+    state = act(unit(state) if normalize else state)
     for i in range(q - 1):
       s = state.reshape(2 ** i, 4, 2 ** (q - 2 - i))
       state = jnp.einsum('ij,ajb->aib', g[m, i], s).reshape(-1)
   return state
 
 
-def decode(gates, scale, shape: Sequence[int], nonlin: str = 'relu'):
+def decode(gates, scale, shape: Sequence[int], nonlin: str = 'relu', *,
+           normalize: bool = False):
   """The kernel of shape ``shape`` encoded by ``gates`` and ``scale``.
 
   The first ``prod(shape)`` entries of the state (the rest is padding),
-  reshaped row-major, times ``scale`` (a scalar, or ``(C_out,)`` broadcast
-  over the last axis).
+  divided by their norm if ``normalize`` (the state is also normalized
+  after every layer then, see :func:`contract`), reshaped row-major, times
+  ``scale`` (a scalar, or ``(C_out,)`` broadcast over the last axis).
   """
   n = math.prod(shape)
-  state = contract(gates, nonlin)
-  kernel = state[:n].reshape(tuple(shape))
+  state = contract(gates, nonlin, normalize=normalize)[:n]
+  if normalize:
+    state = unit(state)
+  kernel = state.reshape(tuple(shape))
   return kernel * scale.astype(kernel.dtype)
 
 
 def to_kernel(v):
   return decode(v['adtn_gates'], v['adtn_scale'], kernel_shape(v),
-                nonlinearity(v))
+                nonlinearity(v), normalize=normalized(v))
 
 
 def forward(v, x, spec: base.LayerSpec):
@@ -206,15 +247,19 @@ def decode_macs(v) -> int:
   """Multiply-adds of one decode (gates, first layer's prefix, scale).
 
   Layer 0: ``sum_i 2^(i+1) * 4 = 8 (2^(Q-1) - 1)``; layers 1..M-1:
-  ``(Q-1) * 4 * 2^Q`` each; scale: ``N``.
+  ``(Q-1) * 4 * 2^Q`` each; scale: ``N``; a normalized decode's norms:
+  ``2^(Q+1)`` per layer after the first (squares, then the division) and
+  ``N`` at the end (squares; the division folds into the scale).
   """
   m, q = ranks(v)
-  return decode_cost(m, q, math.prod(kernel_shape(v)))
+  return decode_cost(m, q, math.prod(kernel_shape(v)),
+                     normalize=normalized(v))
 
 
-def decode_cost(m: int, q: int, n: int) -> int:
+def decode_cost(m: int, q: int, n: int, *, normalize: bool = False) -> int:
   """Decode multiply-adds of M layers on Q qubits keeping N entries."""
-  return 8 * (2 ** (q - 1) - 1) + (m - 1) * (q - 1) * 4 * 2 ** q + n
+  norms = (m - 1) * 2 ** (q + 1) + n if normalize else 0
+  return 8 * (2 ** (q - 1) - 1) + (m - 1) * (q - 1) * 4 * 2 ** q + n + norms
 
 
 # ---------------------------------------------------------------------------
@@ -247,10 +292,10 @@ def _ls_loss(w, target, norm2, channel_scale: bool):
   return jnp.sum(jnp.sum(target ** 2, axis=axes) - explained) / norm2
 
 
-@functools.partial(jax.jit,
-                   static_argnames=('nonlin', 'steps', 'channel_scale'))
+@functools.partial(jax.jit, static_argnames=('nonlin', 'steps',
+                                             'channel_scale', 'normalize'))
 def _fit(kernel, gates, learning_rate, final_lr_ratio, clip, *, nonlin,
-         steps, channel_scale):
+         steps, channel_scale, normalize):
   """Adam on the gates alone, the scale solved in closed form at every step
   (variable projection): the loss is the squared relative error at the
   least-squares scale. With the scale a free Adam variable instead, a small
@@ -260,11 +305,11 @@ def _fit(kernel, gates, learning_rate, final_lr_ratio, clip, *, nonlin,
   shape = kernel.shape
   target = kernel.astype(gates.dtype)
   norm2 = jnp.maximum(jnp.sum(target ** 2), jnp.finfo(target.dtype).tiny)
-  unit = jnp.ones((), gates.dtype)
+  one = jnp.ones((), gates.dtype)
 
   def loss_fn(g):
-    return _ls_loss(decode(g, unit, shape, nonlin), target, norm2,
-                    channel_scale)
+    return _ls_loss(decode(g, one, shape, nonlin, normalize=normalize),
+                    target, norm2, channel_scale)
 
   def schedule(count):
     # Cosine decay from learning_rate to learning_rate * final_lr_ratio.
@@ -307,7 +352,8 @@ def ls_scale(w, target, *, channel_scale: bool = False) -> jax.Array:
 def fit(kernel, depth: int, *, nonlinearity: str = 'relu', steps: int = 500,
         learning_rate: float = 1e-2, final_lr_ratio: float = 0.01,
         noise: float = 0.1, channel_scale: bool = False, clip: float = 1.0,
-        match_norm: bool = False, key: jax.Array | None = None):
+        match_norm: bool = False, normalize: bool = False,
+        key: jax.Array | None = None):
   """Fits ADTN gates to a kernel by Adam on ``||W - W_hat||^2 / ||W||^2``.
 
   The scale is at its least-squares value for the gates throughout
@@ -343,6 +389,10 @@ def fit(kernel, depth: int, *, nonlinearity: str = 'relu', steps: int = 500,
       the price of a reconstruction error ``sqrt(2 - 2 sqrt(1 - err^2))``
       (above 1 once ``err > 0.87``). The returned error is that of the
       rescaled kernel.
+    normalize: decode normalized (the kept entries divided by their norm,
+      see the module docstring), so the kernel's norm is the scale's alone
+      in end-to-end training; the fit itself is unchanged (its loss, at the
+      least-squares scale, does not depend on the decode's norm).
     key: PRNG key of the init noise (required).
 
   Returns:
@@ -365,7 +415,8 @@ def fit(kernel, depth: int, *, nonlinearity: str = 'relu', steps: int = 500,
                      dtype=dtype)
 
   def unit_decode(g):
-    return decode(g, jnp.ones((), dtype), kernel.shape, nonlinearity)
+    return decode(g, jnp.ones((), dtype), kernel.shape, nonlinearity,
+                  normalize=normalize)
 
   scale = ls_scale(unit_decode(gates), k, channel_scale=channel_scale)
   losses = jnp.zeros((0,), dtype)
@@ -373,7 +424,8 @@ def fit(kernel, depth: int, *, nonlinearity: str = 'relu', steps: int = 500,
     gates, losses = _fit(
         k, gates, jnp.asarray(learning_rate, dtype),
         jnp.asarray(final_lr_ratio, dtype), jnp.asarray(clip, dtype),
-        nonlin=nonlinearity, steps=int(steps), channel_scale=channel_scale)
+        nonlin=nonlinearity, steps=int(steps), channel_scale=channel_scale,
+        normalize=bool(normalize))
     scale = ls_scale(unit_decode(gates), k, channel_scale=channel_scale)
   w_hat = unit_decode(gates) * scale
   if match_norm:
@@ -383,7 +435,8 @@ def fit(kernel, depth: int, *, nonlinearity: str = 'relu', steps: int = 500,
   err = jnp.linalg.norm(w_hat - k) / jnp.maximum(jnp.linalg.norm(k), 1e-30)
   variables = {'adtn_gates': gates.astype(kernel.dtype),
                'adtn_scale': scale.astype(kernel.dtype),
-               **metadata(kernel.shape, nonlinearity, kernel.dtype)}
+               **metadata(kernel.shape, nonlinearity, kernel.dtype,
+                          normalize=normalize)}
   return variables, float(err), losses
 
 

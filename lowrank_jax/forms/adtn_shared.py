@@ -9,7 +9,9 @@ top of the params tree:
 
   ``params['adtn_shared'][group]``: ``adtn_gates`` (M, Q-1, 2, 2, 2, 2),
   ``adtn_scale`` (), ``adtn_size`` zeros((0, N)) (carries N) and
-  ``adtn_nonlin`` zeros((0, code)) (as in the ADTN form). These names match no
+  ``adtn_nonlin`` zeros((0, code)) or, for a normalized decode (the N
+  entries divided by their norm before the scale), zeros((0, code, 2)) (as
+  in the ADTN form). These names match no
   form, so the group is not a layer of :func:`lowrank_jax.tree.layers`.
 
 Each member layer holds:
@@ -75,12 +77,14 @@ def member(shape: Sequence[int], group_index: int, start: int,
           'adtn_ref': jnp.zeros((0, group_index + 1, start + 1), dtype)}
 
 
-def group(gates, scale, size: int, nonlin: str, dtype=jnp.float32) -> dict:
-  """A group's variables: gates, scale and the carriers of N and the
-  nonlinearity."""
+def group(gates, scale, size: int, nonlin: str, dtype=jnp.float32, *,
+          normalize: bool = False) -> dict:
+  """A group's variables: gates, scale and the carriers of N, the
+  nonlinearity and the decode."""
+  carrier = adtn.metadata((), nonlin, dtype, normalize=normalize)
   return {'adtn_gates': gates.astype(dtype), 'adtn_scale': scale.astype(dtype),
           'adtn_size': jnp.zeros((0, size), dtype),
-          'adtn_nonlin': adtn.metadata((), nonlin, dtype)['adtn_nonlin']}
+          'adtn_nonlin': carrier['adtn_nonlin']}
 
 
 def group_size(g) -> int:
@@ -104,16 +108,20 @@ def find_group(groups: Mapping, v, where: str = '') -> dict:
 
 
 def decode_group(g) -> jnp.ndarray:
-  """The group's first N decoded entries (flat, (N,)), times its scale."""
-  n = group_size(g)
-  state = adtn.contract(g['adtn_gates'], adtn.nonlinearity(g))
-  return state[:n] * g['adtn_scale'].astype(state.dtype)
+  """The group's first N decoded entries (flat, (N,)), times its scale
+  (divided by their norm first in a normalized decode)."""
+  normalize = adtn.normalized(g)
+  state = adtn.contract(g['adtn_gates'], adtn.nonlinearity(g),
+                        normalize=normalize)[:group_size(g)]
+  if normalize:
+    state = adtn.unit(state)
+  return state * g['adtn_scale'].astype(state.dtype)
 
 
 def decode_macs(g) -> int:
   """Multiply-adds of one decode of the group (see adtn.decode_cost)."""
   m, q = adtn.ranks(g)
-  return adtn.decode_cost(m, q, group_size(g))
+  return adtn.decode_cost(m, q, group_size(g), normalize=adtn.normalized(g))
 
 
 def slice_kernel(flat, v) -> jnp.ndarray:

@@ -292,7 +292,8 @@ def run_adtn(config, workdir: str) -> dict:
         variables, select=a.select, depth=a.depth,
         nonlinearity=a.nonlinearity, steps=a.fit_steps,
         learning_rate=a.fit_learning_rate, noise=a.noise,
-        match_norm=a.match_norm, min_size=a.min_size,
+        match_norm=a.match_norm, normalize=a.get('normalize', False),
+        min_size=a.min_size,
         share=a.get('share', False), key=jax.random.PRNGKey(config.seed),
         report=True)
     for act in actions:
