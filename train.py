@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from configs import default as default_config
 from lowrank_jax import models
+from lowrank_jax.train import compress_config
 from lowrank_jax.train import config_check
 from lowrank_jax.train import jobs
 from lowrank_jax.train import loop
@@ -88,7 +89,7 @@ def main(argv):
   if config.pipeline != 'train':
     # Selection rules and FLOP targets resolve against the model's layers.
     dataset = loop.load_dataset(config)
-    jobs.validate(config, model=models.get_model(
+    compress_config.validate(config, model=models.get_model(
         config.model, num_classes=dataset.num_classes),
                   input_shape=(1,) + dataset.train.images.shape[1:])
     jobs.check_workdir(config, workdir)   # refuses a changed config

@@ -15,8 +15,8 @@ import lowrank_jax as lj
 from lowrank_jax import rank_rules
 from lowrank_jax import tree
 from lowrank_jax.train import checkpoint
+from lowrank_jax.train import compress_config
 from lowrank_jax.train import errors
-from lowrank_jax.train import jobs
 from lowrank_jax.train import loop
 from lowrank_jax.train import optim
 from lowrank_jax.train import pipelines
@@ -53,7 +53,7 @@ def test_min_rank_fields_become_one_rule_per_layer():
                                           0)
               for p, kind in (('conv1', 'kxk'), ('block/proj', '1x1'),
                               ('fc', 'dense'))}
-  rules = jobs.min_rank_of(config, geometry)
+  rules = compress_config.min_rank_of(config, geometry)
   assert rules == {tree.exact('conv1'): 5, tree.exact('block/proj'): 3,
                    tree.exact('fc'): 7}
   assert rank_rules.min_rank_floors(geometry, rules) == {
@@ -235,7 +235,7 @@ def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
 def test_vgg16_adtn_config_switches_the_decode_stage_to_clipped_adam():
   from configs import vgg16_adtn  # pylint: disable=g-import-not-at-top
   config = vgg16_adtn.get_config()
-  jobs.validate(config)
+  compress_config.validate(config)
   assert config.pipeline == 'adtn' and config.adtn.share
   # The baseline keeps VGG's SGD; only the stage through the decode switches.
   assert config.optimizer == 'momentum'

@@ -13,9 +13,9 @@ from configs import default  # pylint: disable=g-import-not-at-top
 from configs import smoke  # pylint: disable=g-import-not-at-top
 
 from lowrank_jax.train import checkpoint
+from lowrank_jax.train import compress_config
 from lowrank_jax.train import config_check
 from lowrank_jax.train import errors
-from lowrank_jax.train import jobs
 from lowrank_jax.train import loop
 
 
@@ -71,7 +71,7 @@ def test_every_shipped_config_is_valid(name):
   """configs/*.py: only known fields, values that pass validation."""
   config = importlib.import_module(f'configs.{name}').get_config()
   config_check.check_known_fields(config, default.get_config())
-  jobs.validate(config)
+  compress_config.validate(config)
 
 
 _EIGHT = """

@@ -28,8 +28,11 @@ imports it.
 * :mod:`~lowrank_jax.train.report`: ``report.json``, ``report.md`` and plots
   of a job.
 * :mod:`~lowrank_jax.train.jobs`: the stage bookkeeping of a job (saved
-  stages, ``stages.json``, resume, measurements, report), ``validate``,
+  stages, ``stages.json``, resume, measurements, report),
   ``evaluate_variables``.
+* :mod:`~lowrank_jax.train.compress_config`: the compression fields of a
+  config: ``validate`` (before any training), ``selection_rules``,
+  ``min_rank_of``.
 * :mod:`~lowrank_jax.train.pipelines`: the jobs ``run_direct``,
   ``run_he2024``, ``run_musco``, ``run_adtn`` (``PIPELINES``) and their
   stages ``choose_ranks``, ``compress``, ``finetune_config``.

@@ -35,6 +35,7 @@ from lowrank_jax import transforms
 from lowrank_jax import tree
 from lowrank_jax import vbmf
 from lowrank_jax.train import checkpoint
+from lowrank_jax.train import compress_config
 from lowrank_jax.train import jobs
 from lowrank_jax.train import state as state_lib
 
@@ -152,10 +153,10 @@ def _config_ranks(job: jobs.Job, variables, *, rule=None, weaken=None,
   geometry = rank_rules.layer_geometry(job.model, variables, job.input_shape)
   return choose_ranks(
       variables, model=job.model, input_shape=job.input_shape,
-      rule=rule or c.rank_rule, select=select or jobs.selection_rules(
+      rule=rule or c.rank_rule, select=select or compress_config.selection_rules(
           job.config), weaken=c.weaken if weaken is None else weaken,
       target_ratio=c.target_ratio,
-      min_rank=jobs.min_rank_of(job.config, geometry), conv_form=c.conv_form,
+      min_rank=compress_config.min_rank_of(job.config, geometry), conv_form=c.conv_form,
       round_to=c.round_to, geometry=geometry)
 
 
@@ -242,7 +243,7 @@ def run_musco(config, workdir: str) -> dict:
   variables = job.baseline()
   params, _ = tree.split_variables(variables)
   candidates = [p for p in tree.select_paths(tree.layers(params),
-                                             jobs.selection_rules(config))]
+                                             compress_config.selection_rules(config))]
   group_size = m.layers_per_stage or len(candidates)
   cursor, idle_groups = 0, 0
   for stage in range(m.n_stages):
