@@ -5,6 +5,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -284,3 +285,30 @@ def test_the_pipeline_exports_a_network_that_runs_without_lowrank_jax(
   variables = checkpoint.load_variables(str(workdir / 'stages' / 'finetune'))
   ref = lj.apply(lj.get_model('lenet5'), variables, x, train=False)
   np.testing.assert_allclose(np.load(tmp_path / 'y.npy'), ref, atol=1e-5)
+
+
+def test_adtn_collapse_names_the_layer_whose_kernel_vanished(caplog):
+  kernel = jax.random.normal(jax.random.PRNGKey(0), (32, 48))
+  params = {'fc1': {'kernel': kernel, 'bias': jnp.zeros(48)},
+            'fc2': {'kernel': kernel[:, :40], 'bias': jnp.zeros(40)}}
+  for normalize in (False, True):
+    encoded = lj.adtn_encode(params, depth=3, steps=0, min_size=1,
+                             match_norm=True, normalize=normalize,
+                             key=jax.random.PRNGKey(0))
+    # Training shrank fc1's gates 0.2x each: 0.2^(3 * 10) ~ 1e-21 in a plain
+    # decode; fc2 kept its own.
+    trained = {**encoded, 'fc1': {**encoded['fc1'], 'adtn_gates':
+                                  encoded['fc1']['adtn_gates'] * 0.2}}
+    caplog.clear()
+    got = pipelines.adtn_collapse(encoded, trained)
+    assert set(got['kernel_norms']) == {'fc1', 'fc2'}
+    before, after = got['kernel_norms']['fc1']
+    assert before == pytest.approx(float(jnp.linalg.norm(kernel)), rel=1e-4)
+    if normalize:
+      assert got['collapsed_layers'] == [] and not caplog.records
+      assert after == pytest.approx(before, rel=1e-4)
+    else:
+      assert got['collapsed_layers'] == ['fc1'] and after < 1e-10
+      assert "ADTN layer 'fc1'" in caplog.text
+      assert 'adtn.normalize=True' in caplog.text
+    assert got['kernel_norms']['fc2'][0] == got['kernel_norms']['fc2'][1]

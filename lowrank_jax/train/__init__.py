@@ -35,7 +35,8 @@ imports it.
   ``min_rank_of``.
 * :mod:`~lowrank_jax.train.pipelines`: the jobs ``run_direct``,
   ``run_he2024``, ``run_musco``, ``run_adtn`` (``PIPELINES``) and their
-  stages ``choose_ranks``, ``compress``, ``finetune_config``.
+  stages ``choose_ranks``, ``compress``, ``finetune_config``, and
+  ``adtn_collapse`` (the ADTN layers whose kernels vanished in training).
 
 Data parallelism (one mesh axis ``'data'``, batches sharded, state
 replicated) is described in :mod:`~lowrank_jax.train.sharding`.

@@ -22,6 +22,7 @@ Stages are importable for notebooks: :func:`choose_ranks`, :func:`compress`,
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from typing import Any, Callable, Mapping, Optional
 
@@ -38,6 +39,10 @@ from lowrank_jax.train import checkpoint
 from lowrank_jax.train import compress_config
 from lowrank_jax.train import jobs
 from lowrank_jax.train import state as state_lib
+
+# The training loop's logger (lowrank_jax.train.loop), so one filter covers
+# both.
+logger = logging.getLogger('lowrank_jax.training')
 
 
 # ----------------------------------------------------------------------------
@@ -312,9 +317,46 @@ def run_adtn(config, workdir: str) -> dict:
                                     if x.action == 'split']}
 
   variables = job.stage('encode', encode)
-  job.stage('train', lambda: job.train('adtn_train', finetune_config(config),
-                                       variables))
+
+  def train():
+    out, info = job.train('adtn_train', finetune_config(config), variables)
+    return out, dict(info, **adtn_collapse(variables, out))
+
+  job.stage('train', train)
   return job.finish()
+
+
+def adtn_kernel_norms(variables) -> dict[str, float]:
+  """``{path: ||decoded kernel||}`` of the ADTN layers of a tree (shared
+  members too)."""
+  dense = adtn_lib.adtn_unshare(variables)
+  layers = tree.layers(tree.split_variables(dense)[0])
+  adtn_forms = ('adtn', 'adtn_shared')
+  return {p: float(jax.numpy.linalg.norm(forms.to_kernel(layers[p])))
+          for p, form in transforms.layer_forms(variables).items()
+          if form in adtn_forms}
+
+
+def adtn_collapse(encoded, trained, *, factor: float = 100.0) -> dict:
+  """The ADTN layers' kernel norms before and after end-to-end training,
+  and the layers whose norm fell by more than ``factor`` (a warning each).
+
+  In a plain decode the kernel's norm is the scale times a product of
+  ``M (Q-1)`` gates, which training can shrink by orders of magnitude: the
+  layer then passes almost nothing and the network can fall to chance
+  accuracy while the run ends normally. ``adtn.normalize=True`` rules it
+  out.
+  """
+  before, after = adtn_kernel_norms(encoded), adtn_kernel_norms(trained)
+  collapsed = [p for p in before if after[p] * factor < before[p]]
+  for p in collapsed:
+    logger.warning(
+        'ADTN layer %r: the decoded kernel\'s norm fell from %.4g to %.4g '
+        'in training (more than %gx): the layer passes almost nothing; '
+        'adtn.normalize=True keeps it at the learned scale', p, before[p],
+        after[p], factor)
+  return {'kernel_norms': {p: [before[p], after[p]] for p in before},
+          'collapsed_layers': collapsed}
 
 
 PIPELINES: dict[str, Callable[[Any, str], dict]] = {
