@@ -324,11 +324,22 @@ def run_row(key, seed, workdir, overrides, *, reuse=False, old=None):
       'svd_factor_params': svd_params - bias,
       'svd_after_split_acc': svd_before, 'svd_final_acc': svd_after,
       'svd_reused': bool(svd_reused),
+      # {layer: [norm at encoding, after training]} of the decoded kernels.
+      'kernel_norms': kernel_norms(workdir),
       # train.py's stages (read back with reuse) + the SVD side here.
       'adtn_train_s': stages['train'].get('wall_s'),
       'run_s': (sum(st.get('wall_s', 0) for st in report['stages'])
                 + time.time() - t0),
   }
+
+
+def kernel_norms(workdir):
+  """``{layer: [||W|| after encoding, after training]}`` of an ADTN run's
+  decoded kernels, from its saved stages (pipelines.adtn_collapse)."""
+  from lowrank_jax.train import checkpoint, pipelines
+  encoded, trained = (checkpoint.load_variables(
+      os.path.join(workdir, 'stages', name)) for name in ('encode', 'train'))
+  return pipelines.adtn_collapse(encoded, trained)['kernel_norms']
 
 
 def depth_workdir(root, key, depth, seed, train_epochs=None, train_lr=None,

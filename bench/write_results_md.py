@@ -168,6 +168,27 @@ def _sweep_label(x):
           + (', normalized' if x.get('normalize') else ''))
 
 
+def _collapsed_note(key, runs, factor=100):
+  """A line naming the runs whose decoded kernels' norms fell more than
+  ``factor``-fold in training (``kernel_norms`` of the rows)."""
+  parts = []
+  for x in runs:
+    fell = {p: n for p, n in (x.get('kernel_norms') or {}).items()
+            if n[1] * factor < n[0]}
+    if fell:
+      parts.append(f'{_sweep_label(x)} ({_pct([x["adtn_final_acc"]])}%: '
+                   + ', '.join(f'{p} {a:.3g} → {b:.3g}'
+                               for p, (a, b) in sorted(fell.items())) + ')')
+  if not parts:
+    return []
+  return ['', f'{key}: in ' + '; '.join(parts) + ', the decoded kernels\' '
+          f'norms fell more than {factor}-fold in training (norm after '
+          'encoding → after training, from the runs\' saved stages), so '
+          'those layers passed almost nothing: the network fell to chance '
+          'although the SVD side at the same budget trained. '
+          'The normalized decode rules that out.']
+
+
 def adtn_depth_sweep(sweep, rows=None):
   """Lines of the ADTN depth sweep (``"_depth_sweep"`` of results_adtn.json).
 
@@ -249,6 +270,7 @@ def adtn_depth_sweep(sweep, rows=None):
             f'{"/".join(str(r) for r in svd_best["svd_ranks"].values())}'
             + (f', {svd_best["svd_factor_params"]:,} parameters'
                if svd_best.get('svd_factor_params') else '') + ').']
+    out += _collapsed_note(key, mine)
   commands = {}
   for x in swept:
     setting = adtn_settings.SETTINGS[x['key']]
