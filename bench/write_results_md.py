@@ -160,33 +160,39 @@ def _sweep_order(x):
 
 def _sweep_label(x):
   """'M=4 24 epochs', with ' at lr 0.01' where the rate is not the
-  row's default and ', normalized' for the normalized decode."""
+  row's default and ' normalized' for the normalized decode."""
   lr = adtn_settings.train_lr_of(x)
   return (f'M={x["depth"]} {x["train_epochs"]} epochs'
           + ('' if lr == adtn_settings.default_train_lr(x['key'])
              else f' at lr {lr:g}')
-          + (', normalized' if x.get('normalize') else ''))
+          + (' normalized' if x.get('normalize') else ''))
 
 
 def _collapsed_note(key, runs, factor=100):
   """A line naming the runs whose decoded kernels' norms fell more than
   ``factor``-fold in training (``kernel_norms`` of the rows)."""
-  parts = []
+  def norms(x, only=None):
+    return (f'{_sweep_label(x)} ({_pct([x["adtn_final_acc"]])}%: '
+            + ', '.join(f'{p} {a:.3g} → {b:.3g}' for p, (a, b) in
+                        sorted(x['kernel_norms'].items())
+                        if only is None or p in only) + ')')
+  parts, kept = [], []
   for x in runs:
-    fell = {p: n for p, n in (x.get('kernel_norms') or {}).items()
-            if n[1] * factor < n[0]}
+    fell = [p for p, n in (x.get('kernel_norms') or {}).items()
+            if n[1] * factor < n[0]]
     if fell:
-      parts.append(f'{_sweep_label(x)} ({_pct([x["adtn_final_acc"]])}%: '
-                   + ', '.join(f'{p} {a:.3g} → {b:.3g}'
-                               for p, (a, b) in sorted(fell.items())) + ')')
+      parts.append(norms(x, fell))
+    elif x.get('normalize') and x.get('kernel_norms'):
+      kept.append(norms(x))
   if not parts:
     return []
   return ['', f'{key}: in ' + '; '.join(parts) + ', the decoded kernels\' '
           f'norms fell more than {factor}-fold in training (norm after '
           'encoding → after training, from the runs\' saved stages), so '
           'those layers passed almost nothing: the network fell to chance '
-          'although the SVD side at the same budget trained. '
-          'The normalized decode rules that out.']
+          'although the SVD side at the same budget trained.'
+          + (' With the normalized decode the norms stay at the learned '
+             'scale: ' + '; '.join(kept) + '.' if kept else '')]
 
 
 def adtn_depth_sweep(sweep, rows=None):

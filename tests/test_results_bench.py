@@ -343,15 +343,18 @@ def test_adtn_normalized_sweep_rows_reuse_the_plain_rows_svd_side(
   text = '\n'.join(write_results_md.adtn_depth_sweep({'runs': runs}))
   assert '| lenet5 | 16 | 12 | 0.003 | normalized | ' in text
   assert '| lenet5 | 16 | 12 | 0.003 | plain | ' in text
-  assert ('within 0.5 points of its baseline at M=16 12 epochs, normalized: '
+  assert ('within 0.5 points of its baseline at M=16 12 epochs normalized: '
           '89.50%') in text
   assert ('--depth-sweep 16 --models lenet5 --train-epochs 12 --normalize`'
           in text)
   # A plain run whose kernels vanished is named, with its norms.
   runs[0]['kernel_norms'] = {'fc1': [13.5, 0.0193], 'fc2': [10.2, 9.0]}
+  runs[-1]['kernel_norms'] = {'fc1': [13.5, 13.6]}
   text = '\n'.join(write_results_md.adtn_depth_sweep({'runs': runs}))
   assert ('lenet5: in M=16 12 epochs at lr 0.01 (10.00%: fc1 13.5 → 0.0193),'
           " the decoded kernels' norms fell more than 100-fold") in text
+  assert ('With the normalized decode the norms stay at the learned scale: '
+          'M=16 12 epochs normalized (89.50%: fc1 13.5 → 13.6).') in text
 
 
 @pytest.mark.parametrize('params_after,rank', [(1089, 2), (1040, 1),
