@@ -158,11 +158,12 @@ def _config_ranks(job: jobs.Job, variables, *, rule=None, weaken=None,
   geometry = rank_rules.layer_geometry(job.model, variables, job.input_shape)
   return choose_ranks(
       variables, model=job.model, input_shape=job.input_shape,
-      rule=rule or c.rank_rule, select=select or compress_config.selection_rules(
-          job.config), weaken=c.weaken if weaken is None else weaken,
+      rule=rule or c.rank_rule,
+      select=select or compress_config.selection_rules(job.config),
+      weaken=c.weaken if weaken is None else weaken,
       target_ratio=c.target_ratio,
-      min_rank=compress_config.min_rank_of(job.config, geometry), conv_form=c.conv_form,
-      round_to=c.round_to, geometry=geometry)
+      min_rank=compress_config.min_rank_of(job.config, geometry),
+      conv_form=c.conv_form, round_to=c.round_to, geometry=geometry)
 
 
 def _compress_stage(job: jobs.Job, name: str, variables, chosen=None):
@@ -247,8 +248,8 @@ def run_musco(config, workdir: str) -> dict:
   m = config.musco
   variables = job.baseline()
   params, _ = tree.split_variables(variables)
-  candidates = [p for p in tree.select_paths(tree.layers(params),
-                                             compress_config.selection_rules(config))]
+  candidates = list(tree.select_paths(
+      tree.layers(params), compress_config.selection_rules(config)))
   group_size = m.layers_per_stage or len(candidates)
   cursor, idle_groups = 0, 0
   for stage in range(m.n_stages):
