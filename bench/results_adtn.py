@@ -64,6 +64,8 @@ FIT_NOISE = 0.02
 # Peak learning rate of the end-to-end training (both sides) unless a row's
 # SETTINGS or --train-lr say otherwise.
 TRAIN_LR = 0.003
+# Checkpoint period (steps) of the depth sweep's runs.
+SWEEP_CHECKPOINT_STEPS = 1000
 
 SETTINGS = {
     'fc2': dict(select='fc1', num_epochs=8, train_epochs=4, depth=4,
@@ -104,10 +106,12 @@ def apply_overrides(config, overrides):
 
 
 def _training_fields(command):
-  """The config fields of a recorded command that the SVD side depends on."""
+  """The config fields of a recorded command that the SVD side depends on
+  (not the ADTN's, nor how the run is watched or checkpointed)."""
   return sorted(a for a in shlex.split(command)
                 if a.startswith('--config.') and not
-                a.startswith(('--config.adtn.', '--config.progress')))
+                a.startswith(('--config.adtn.', '--config.progress',
+                              '--config.checkpoint_every_steps')))
 
 
 def _record(key, value):
@@ -406,6 +410,9 @@ def depth_sweep(keys, depths, *, seed, root, train_epochs=None,
       overrides = row_overrides(key, seed, depth=depth,
                                 train_epochs=train_epochs, train_lr=train_lr,
                                 normalize=normalize)
+      # Long sweep runs checkpoint as they go, so a killed one resumes
+      # (bookkeeping: the results do not depend on it).
+      overrides['checkpoint_every_steps'] = SWEEP_CHECKPOINT_STEPS
       twin = svd_twin(_sweep_runs(), key, depth, seed, overrides)
       row = run_row(key, seed, workdir, overrides, reuse=True, old=twin)
       print(json.dumps(row), flush=True)

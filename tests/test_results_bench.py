@@ -338,6 +338,15 @@ def test_adtn_normalized_sweep_rows_reuse_the_plain_rows_svd_side(
   results_adtn.depth_sweep(['lenet5'], [16], seed=0, root='r',
                            train_epochs=12, normalize=True)
   assert olds == [twin]          # the plain row at the same rate: its SVD
+  # (a command that differs in its checkpoint period only trains the same)
+  fields = results_adtn._training_fields  # pylint: disable=protected-access
+  every = '--config.checkpoint_every_steps='
+  assert fields(f'python train.py --config.seed=0 {every}0 '
+                '--config.adtn.depth=8') == fields(
+                    f'python train.py --config.seed=0 {every}1000 '
+                    '--config.adtn.depth=16')
+  assert fields('python train.py --config.seed=1') != fields(
+      'python train.py --config.seed=0')
   runs = json.loads(path.read_text())['_depth_sweep']['runs']
   assert len(runs) == 3          # the plain rows stay, the new one is added
   text = '\n'.join(write_results_md.adtn_depth_sweep({'runs': runs}))
