@@ -328,8 +328,10 @@ def run_row(key, seed, workdir, overrides, *, reuse=False, old=None):
       'svd_factor_params': svd_params - bias,
       'svd_after_split_acc': svd_before, 'svd_final_acc': svd_after,
       'svd_reused': bool(svd_reused),
-      # {layer: [norm at encoding, after training]} of the decoded kernels.
-      'kernel_norms': kernel_norms(workdir),
+      # {layer: [norm at encoding, after training]} of the decoded kernels
+      # (train.py records them; runs from before that: from their stages).
+      'kernel_norms': (stages['train'].get('kernel_norms')
+                       or kernel_norms(workdir)),
       # train.py's stages (read back with reuse) + the SVD side here.
       'adtn_train_s': stages['train'].get('wall_s'),
       'run_s': (sum(st.get('wall_s', 0) for st in report['stages'])

@@ -109,13 +109,10 @@ def find_group(groups: Mapping, v, where: str = '') -> dict:
 
 def decode_group(g) -> jnp.ndarray:
   """The group's first N decoded entries (flat, (N,)), times its scale
-  (divided by their norm first in a normalized decode)."""
-  normalize = adtn.normalized(g)
-  state = adtn.contract(g['adtn_gates'], adtn.nonlinearity(g),
-                        normalize=normalize)[:group_size(g)]
-  if normalize:
-    state = adtn.unit(state)
-  return state * g['adtn_scale'].astype(state.dtype)
+  (divided by their norm first in a normalized decode): the ADTN form's
+  decode of an (N,) kernel."""
+  return adtn.decode(g['adtn_gates'], g['adtn_scale'], (group_size(g),),
+                     adtn.nonlinearity(g), normalize=adtn.normalized(g))
 
 
 def decode_macs(g) -> int:
