@@ -5,8 +5,8 @@
 
 For every dense kernel of the given baselines (the layers the ADTN rows of
 docs/results.md encode), fits ADTNs of each depth M for each number of Adam
-steps with :func:`lowrank_jax.forms.adtn.fit` (the fit ``adtn_encode`` runs;
-learning rate 1e-2, init noise 0.5 as in configs/default.py), and writes
+steps with :func:`lowrank_jax.forms.adtn_fit.fit` (the fit ``adtn_encode``
+runs; learning rate 1e-2, init noise 0.5 as in configs/default.py), and writes
 docs/benchmarks_adtn_fit.md: the relative error ``||W - W_hat|| / ||W||``,
 the zero kernel's (1), and the error of the truncated SVD with at least as
 many parameters as the ADTN, the same budget spent on a matrix factorisation.
@@ -54,6 +54,7 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import hostinfo  # pylint: disable=g-import-not-at-top
   from lowrank_jax.forms import adtn as adtn_form  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.forms import adtn_fit  # pylint: disable=g-import-not-at-top
   from lowrank_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
 
   rows = []
@@ -73,7 +74,7 @@ def main():
             errs[steps] = None
             continue
           t0 = time.time()
-          _, err, _ = adtn_form.fit(w, m, steps=steps, noise=0.5,
+          _, err, _ = adtn_fit.fit(w, m, steps=steps, noise=0.5,
                                     learning_rate=1e-2,
                                     key=jax.random.PRNGKey(args.seed))
           errs[steps] = (err, time.time() - t0)
@@ -96,12 +97,13 @@ def main():
       hostinfo.machine_line(),
       '',
       'Relative reconstruction error `||W - W_hat|| / ||W||` of '
-      '`lowrank_jax.forms.adtn.fit` (Adam, learning rate 1e-2 cosine-decayed,'
-      ' clip 1, init identity + 0.5 noise, ReLU between layers, scale '
-      'least-squares) on the trained kernels of the ADTN rows of '
-      '[results.md](results.md). The all-zero kernel scores 1.0; the last '
-      'column is the truncated SVD with at least as many parameters as the '
-      'ADTN. Seconds per fit (compile included) in brackets; `-`: left out '
+      '`lowrank_jax.forms.adtn_fit.fit` (Adam, learning rate 1e-2 '
+      'cosine-decayed, clip 1, init identity + 0.5 noise, ReLU between '
+      'layers, scale least-squares) on the trained kernels of the ADTN '
+      'rows of [results.md](results.md). The all-zero kernel scores 1.0; '
+      'the last column is the truncated SVD with at least as many '
+      'parameters as the ADTN. Seconds per fit (compile included) in '
+      'brackets; `-`: left out '
       f'(steps x M x 2^Q > {args.max_cost:.3g}).',
       '',
       head,

@@ -23,6 +23,8 @@ import write_frontier_md
 from write_frontier_md import pct as _pct
 from write_frontier_md import ratios as _ratio
 
+from lowrank_jax.train import pipelines
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, 'docs')
 
@@ -168,9 +170,10 @@ def _sweep_label(x):
           + (' normalized' if x.get('normalize') else ''))
 
 
-def _collapsed_note(key, runs, factor=100):
+def _collapsed_note(key, runs, factor=pipelines.COLLAPSE_FACTOR):
   """A line naming the runs whose decoded kernels' norms fell more than
-  ``factor``-fold in training (``kernel_norms`` of the rows)."""
+  ``factor``-fold in training (``kernel_norms`` of the rows; older rows
+  carry no ``collapsed_layers``)."""
   def norms(x, only=None):
     return (f'{_sweep_label(x)} ({_pct([x["adtn_final_acc"]])}%: '
             + ', '.join(f'{p} {a:.3g} → {b:.3g}' for p, (a, b) in
@@ -178,8 +181,7 @@ def _collapsed_note(key, runs, factor=100):
                         if only is None or p in only) + ')')
   parts, kept = [], []
   for x in runs:
-    fell = [p for p, n in (x.get('kernel_norms') or {}).items()
-            if n[1] * factor < n[0]]
+    fell = pipelines.collapsed_layers(x.get('kernel_norms') or {}, factor)
     if fell:
       parts.append(norms(x, fell))
     elif x.get('normalize') and x.get('kernel_norms'):
@@ -187,7 +189,7 @@ def _collapsed_note(key, runs, factor=100):
   if not parts:
     return []
   return ['', f'{key}: in ' + '; '.join(parts) + ', the decoded kernels\' '
-          f'norms fell more than {factor}-fold in training (norm after '
+          f'norms fell more than {factor:g}-fold in training (norm after '
           'encoding → after training, from the runs\' saved stages), so '
           'those layers passed almost nothing: the network fell to chance '
           'although the SVD side at the same budget trained.'

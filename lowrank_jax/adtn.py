@@ -34,6 +34,7 @@ from lowrank_jax import tree
 # decode_time lives in its own module; importable from here as before.
 from lowrank_jax.adtn_timing import DecodeTime, decode_time  # noqa: F401
 from lowrank_jax.forms import adtn as adtn_form
+from lowrank_jax.forms import adtn_fit
 from lowrank_jax.forms import adtn_shared as shared_form
 
 Depth = Union[int, Mapping[str, int], Callable[[str, dict], int]]
@@ -81,7 +82,7 @@ def _depth_for(depth: Depth, path: str, variables) -> int:
 
 def _fit_error(w_hat, kernel) -> float:
   """``||s W_hat - W|| / ||W||`` at the least-squares ``s`` (<= 1)."""
-  s = adtn_form.ls_scale(w_hat, kernel)
+  s = adtn_fit.ls_scale(w_hat, kernel)
   return float(jnp.linalg.norm(s * w_hat - kernel) /
                jnp.maximum(jnp.linalg.norm(kernel), 1e-30))
 
@@ -120,7 +121,8 @@ def adtn_encode(params, *, select=None, depth: Depth,
   rate, global-norm clipping) minimises ``||W - W_hat||^2 / ||W||^2`` for
   ``steps`` steps in one jitted ``lax.scan``; the best iterate is kept and
   its scale made least-squares, so (without ``match_norm``) the reported
-  error is at most 1, the zero kernel's (:func:`lowrank_jax.forms.adtn.fit`).
+  error is at most 1, the zero kernel's
+  (:func:`lowrank_jax.forms.adtn_fit.fit`).
   How far below 1 depends on the kernel: trained dense kernels are close to
   full rank and a network of ~1,000 parameters captures a few percent of
   their energy, about what an SVD of the same size does
@@ -150,7 +152,7 @@ def adtn_encode(params, *, select=None, depth: Depth,
     match_norm: rescale each fitted layer so ``||W_hat|| = ||W||`` (for
       kernels the ADTN cannot represent, such as randomly initialised ones,
       whose least-squares fit shrinks towards 0; see
-      :func:`lowrank_jax.forms.adtn.fit`). The reported error is then that
+      :func:`lowrank_jax.forms.adtn_fit.fit`). The reported error is then that
       of the rescaled kernel.
     normalize: decode normalized: the kept entries divided by their norm
       before the scale, so in end-to-end training the kernel's norm is the
@@ -240,7 +242,7 @@ def _encode_per_layer(params, *, select, depth, key, min_size, fit_options):
     n, m, _, after = plan(path, variables)
     kernel = forms.to_kernel(variables)
     index[path] = len(index)
-    out, err, _ = adtn_form.fit(kernel, m, **fit_options,
+    out, err, _ = adtn_fit.fit(kernel, m, **fit_options,
                                 key=jax.random.fold_in(key, index[path]))
     results[path] = (err, n, after,
                      _fit_error(adtn_form.to_kernel(out), kernel))
@@ -357,7 +359,7 @@ def _fit_shared(kernels, all_layers, index, m, *, key, **fit_options):
     group's common scale favours.
   """
   flat = jnp.concatenate([k.reshape(-1) for k in kernels.values()])
-  fitted, _, _ = adtn_form.fit(flat, m, key=key, **fit_options)
+  fitted, _, _ = adtn_fit.fit(flat, m, key=key, **fit_options)
   g = shared_form.group(fitted['adtn_gates'], fitted['adtn_scale'],
                         flat.size, fit_options['nonlinearity'], flat.dtype,
                         normalize=fit_options['normalize'])
@@ -366,7 +368,7 @@ def _fit_shared(kernels, all_layers, index, m, *, key, **fit_options):
   for path, k in kernels.items():
     out = shared_form.member(k.shape, index, start, k.dtype)
     w = shared_form.slice_kernel(decoded, out)
-    ref = 1.0 if fit_options['match_norm'] else adtn_form.ls_scale(w, k)
+    ref = 1.0 if fit_options['match_norm'] else adtn_fit.ls_scale(w, k)
     out['adtn_ref_scale'] = jnp.asarray(ref, k.dtype)
     if 'bias' in all_layers[path]:
       out['bias'] = all_layers[path]['bias']

@@ -18,6 +18,7 @@ from lowrank_jax import models
 from lowrank_jax import transforms
 from lowrank_jax import tree
 from lowrank_jax.forms import adtn as adtn_form
+from lowrank_jax.forms import adtn_fit
 from lowrank_jax.forms import adtn_shared as adtn_shared_form
 
 _ACTS = {'relu': lambda x: np.maximum(x, 0), 'tanh': np.tanh,
@@ -228,7 +229,7 @@ def test_fit_error_never_above_the_zero_kernel(steps, channel_scale):
   # keeps the error <= 1 (the zero kernel's). The old norm-matched initial
   # scale gave ~sqrt(2) here at steps=0 and ~1.4 after 20 steps.
   kernel = jax.random.normal(jax.random.PRNGKey(1), (40, 30))
-  v, err, _ = adtn_form.fit(kernel, 2, steps=steps, noise=0.5,
+  v, err, _ = adtn_fit.fit(kernel, 2, steps=steps, noise=0.5,
                             channel_scale=channel_scale,
                             key=jax.random.PRNGKey(0))
   w_hat = adtn_form.to_kernel(v)
@@ -240,7 +241,7 @@ def test_fit_error_never_above_the_zero_kernel(steps, channel_scale):
     assert float(jnp.linalg.norm(factor * w_hat - kernel)) >= float(
         jnp.linalg.norm(w_hat - kernel)) * (1 - 1e-6)
   # match_norm trades the error for the kernel's norm.
-  v, err_mn, _ = adtn_form.fit(kernel, 2, steps=steps, noise=0.5,
+  v, err_mn, _ = adtn_fit.fit(kernel, 2, steps=steps, noise=0.5,
                                channel_scale=channel_scale, match_norm=True,
                                key=jax.random.PRNGKey(0))
   np.testing.assert_allclose(jnp.linalg.norm(adtn_form.to_kernel(v)),
@@ -252,7 +253,7 @@ def test_fit_of_trained_like_kernel_falls_with_steps_and_depth():
   w = _trained_like(32, 32)               # SVD: rank 1 0.43, rank 3 0.26
   errs = {}
   for m, steps in ((1, 300), (3, 30), (3, 300)):
-    _, errs[m, steps], losses = adtn_form.fit(w, m, steps=steps,
+    _, errs[m, steps], losses = adtn_fit.fit(w, m, steps=steps,
                                               key=jax.random.PRNGKey(0))
     assert losses.shape == (steps,)
     assert errs[m, steps] <= math.sqrt(float(losses[0])) + 1e-6

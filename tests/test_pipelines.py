@@ -312,3 +312,6 @@ def test_adtn_collapse_names_the_layer_whose_kernel_vanished(caplog):
       assert "ADTN layer 'fc1'" in caplog.text
       assert 'adtn.normalize=True' in caplog.text
     assert got['kernel_norms']['fc2'][0] == got['kernel_norms']['fc2'][1]
+  # "More than 100-fold" is strict; the results tables call the same test.
+  assert pipelines.collapsed_layers(
+      {'a': [100., 1.], 'b': [100., 0.5], 'c': [1., 2.]}) == ['b']

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax.forms import adtn
+from lowrank_jax.forms import adtn_fit
 from lowrank_jax.forms import adtn_shared
 from lowrank_jax.forms import base
 from lowrank_jax.forms import cp

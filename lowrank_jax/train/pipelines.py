@@ -338,7 +338,20 @@ def adtn_kernel_norms(variables) -> dict[str, float]:
           if form in adtn_forms}
 
 
-def adtn_collapse(encoded, trained, *, factor: float = 100.0) -> dict:
+# A decoded ADTN kernel whose norm falls more than this many times in
+# training counts as collapsed (adtn_collapse; the results tables).
+COLLAPSE_FACTOR = 100.0
+
+
+def collapsed_layers(kernel_norms: dict, factor: float = COLLAPSE_FACTOR
+                     ) -> list[str]:
+  """The paths of ``{path: [norm before, norm after]}`` whose norm fell
+  more than ``factor``-fold."""
+  return [p for p, (a, b) in kernel_norms.items() if b * factor < a]
+
+
+def adtn_collapse(encoded, trained, *,
+                  factor: float = COLLAPSE_FACTOR) -> dict:
   """The ADTN layers' kernel norms before and after end-to-end training,
   and the layers whose norm fell by more than ``factor`` (a warning each).
 
@@ -349,15 +362,15 @@ def adtn_collapse(encoded, trained, *, factor: float = 100.0) -> dict:
   out.
   """
   before, after = adtn_kernel_norms(encoded), adtn_kernel_norms(trained)
-  collapsed = [p for p in before if after[p] * factor < before[p]]
+  norms = {p: [before[p], after[p]] for p in before}
+  collapsed = collapsed_layers(norms, factor)
   for p in collapsed:
     logger.warning(
         'ADTN layer %r: the decoded kernel\'s norm fell from %.4g to %.4g '
         'in training (more than %gx): the layer passes almost nothing; '
         'adtn.normalize=True keeps it at the learned scale', p, before[p],
         after[p], factor)
-  return {'kernel_norms': {p: [before[p], after[p]] for p in before},
-          'collapsed_layers': collapsed}
+  return {'kernel_norms': norms, 'collapsed_layers': collapsed}
 
 
 PIPELINES: dict[str, Callable[[Any, str], dict]] = {
