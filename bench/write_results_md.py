@@ -262,7 +262,11 @@ def adtn_depth_sweep(sweep, rows=None):
                  f'{_pct([x["adtn_final_acc"]])}'
                  f'% against {_pct([x["baseline_acc"]])}% with '
                  f'{x["adtn_params"]:,} parameters for '
-                 f'{x["dense_params"]:,} dense weights')
+                 f'{x["dense_params"]:,} dense weights (one seed; its '
+                 f'{x["train_epochs"]} end-to-end epochs come on top of the '
+                 'baseline\'s training, which the dense baseline does not '
+                 'get; the SVD at its budget, trained as long, '
+                 f'{_pct([x["svd_final_acc"]])}%)')
     else:
       verdict = (f'*not* within 0.5 points of its baseline in any run ('
                  + ', '.join(_sweep_label(x) for x in mine) + '); '
