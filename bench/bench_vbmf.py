@@ -216,10 +216,12 @@ def _load_params(path):
   return params
 
 
-def child(npz, cache):
-  """One fresh process: the first vbmf_ranks call, then the reference loop
-  once; prints JSON."""
+def child(npz, cache, svd=False):
+  """One fresh process: the first vbmf_ranks call (eigenvalues by the SVD
+  with ``svd``), then the reference loop once; prints JSON."""
   params = _load_params(npz)
+  if svd:
+    vbmf.use_lapack_eigenvalues(False)
   t = time.perf_counter()
   ranks = vbmf.vbmf_ranks(params, compilation_cache=cache or None)
   first = time.perf_counter() - t
@@ -231,19 +233,24 @@ def child(npz, cache):
                     'ranks': {p: list(r) for p, r in ranks.items()}}))
 
 
-def fresh_process(npz, cache=''):
+def fresh_process(npz, cache='', svd=False):
   out = subprocess.run(
       [sys.executable, os.path.abspath(__file__), '--child', npz,
-       '--cache', cache], capture_output=True, text=True, check=True)
+       '--cache', cache] + (['--svd'] if svd else []),
+      capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def fresh_processes(npz, n, cache=''):
-  """``n`` fresh processes (:func:`fresh_process`): the median first call,
-  reference loop and per-process ratio, each process's ratio and ranks.
-  The reference loop's own time varies by up to 2x between processes, so
-  one process's ratio is not enough to read a goal from."""
-  runs = [fresh_process(npz, cache) for _ in range(n)]
+  """``n`` fresh processes (:func:`fresh_process`): :func:`summary`."""
+  return summary([fresh_process(npz, cache) for _ in range(n)])
+
+
+def summary(runs):
+  """The median first call, reference loop and per-process ratio of fresh
+  processes, each process's ratio and ranks. The reference loop's own time
+  varies by up to 2x between processes, so one process's ratio is not
+  enough to read a goal from."""
   ratios = [r['first'] / r['reference'] for r in runs]
   return dict(first=statistics.median(r['first'] for r in runs),
               reference=statistics.median(r['reference'] for r in runs),
@@ -261,7 +268,11 @@ def bench_network(net, args, workdir):
   npz = os.path.join(workdir, f'{net}.npz')
   np.savez(npz, **{p: np.asarray(v['kernel']) for p, v in layers.items()})
   cache = os.path.join(workdir, f'{net}_cache')
-  cold = fresh_processes(npz, args.fresh)
+  # The default and the SVD eigenvalues alternate, process by process.
+  pairs = [(fresh_process(npz), fresh_process(npz, svd=True))
+           for _ in range(args.fresh)]
+  cold = summary([a for a, _ in pairs])
+  cold_svd = summary([b for _, b in pairs])
   print(f'{net}: fresh processes, no cache: first call {cold["first"]:.2f} '
         f's, reference loop {cold["reference"]:.2f} s, ratios '
         f'{[round(x, 2) for x in cold["ratios"]]}', flush=True)
@@ -278,16 +289,29 @@ def bench_network(net, args, workdir):
   agree = sum(int(a == b) for p in ref_ranks
               for a, b in zip(details[p]['vbmf'], ref_ranks[p]))
   same_children = all(c['same_ranks'] and c['ranks'] == cold['ranks']
-                      for c in (cold, fill, warm_cache))
+                      for c in (cold, cold_svd, fill, warm_cache))
+  lapack = vbmf.use_lapack_eigenvalues(True)  # the default
+
+  def warm_svd():
+    vbmf.use_lapack_eigenvalues(False)
+    try:
+      return vbmf.vbmf_ranks(params)
+    finally:
+      vbmf.use_lapack_eigenvalues(True)
+
+  same_svd = warm_svd() == vbmf.vbmf_ranks(params)
   med = interleaved({
       'warm': lambda: vbmf.vbmf_ranks(params),
+      'warm_svd': warm_svd,
       'reference': lambda: reference_ranks(reference, params),
       'floor': floor_loop(params),
   }, args.repeats)
   print(f'{net}: interleaved medians {med}', flush=True)
   return dict(net=net, layers=len(layers), matrices=n_mats, cold=cold,
+              cold_svd=cold_svd,
               fill=fill, warm_cache=warm_cache, agree=agree,
-              same_children=same_children, **med)
+              same_children=same_children, lapack=lapack, same_svd=same_svd,
+              **med)
 
 
 def _ratio_text(runs):
@@ -328,6 +352,9 @@ def report(rows, args, argv, pad):
     lines += [
         f'| {n} | first call, fresh process, no cache | {cold["first"]:.2f} '
         f'| {_ratio_text(cold)} |',
+        f'| {n} | first call, fresh process, no cache, eigenvalues by the '
+        f'SVD | {r["cold_svd"]["first"]:.2f} | '
+        f'{_ratio_text(r["cold_svd"])} |',
         f'| {n} | first call, fresh process, `compilation_cache=DIR` filled '
         f'by an earlier process | {cached["first"]:.2f} | '
         f'{_ratio_text(cached)} |',
@@ -335,6 +362,9 @@ def report(rows, args, argv, pad):
         f'{fill["first"]:.2f} | {fill["ratio"]:.2f}x |',
         f'| {n} | warm call, median of {args.repeats} | {r["warm"]:.3f} | '
         f'{r["warm"] / r["reference"]:.2f}x |',
+        f'| {n} | warm call, eigenvalues by the SVD '
+        f'(`use_lapack_eigenvalues(False)`), median of {args.repeats} | '
+        f'{r["warm_svd"]:.3f} | {r["warm_svd"] / r["reference"]:.2f}x |',
         f'| {n} | floor: NumPy float32 Gram + `eigvalsh`, no search, median '
         f'of {args.repeats} | {r["floor"]:.3f} | '
         f'{r["floor"] / r["reference"]:.2f}x |',
@@ -352,14 +382,18 @@ def report(rows, args, argv, pad):
     lines.append(
         f'{r["net"]}: EVBMF ranks identical to the reference on '
         f'{r["agree"]}/{r["matrices"]} matrices; the '
-        f'{2 * args.fresh + 1} fresh processes gave '
+        f'{3 * args.fresh + 1} fresh processes gave '
         f'{"identical" if r["same_children"] else "DIFFERENT"} ranks. '
         'Goal first call <= 0.5x the loop: '
         f'**{"met" if cold_ok else "not met"}** '
         f'without a cache, **{"met" if first_ok else "not met"}** with '
         f'`compilation_cache`; goal warm <= floor: '
         f'**{"met" if warm_ok else "not met"}** '
-        f'({r["warm"] / r["floor"]:.2f}x the floor).')
+        f'({r["warm"] / r["floor"]:.2f}x the floor). LAPACK eigenvalue '
+        f'path {"in use" if r["lapack"] else "NOT in use (self-check)"}; '
+        'with the SVD instead: '
+        f'{r["warm_svd"] / r["warm"]:.2f}x the warm time, '
+        f'{"the same" if r["same_svd"] else "DIFFERENT"} ranks.')
     lines.append('')
   lines += [
       'How: each Gram matrix is formed from its kernel (no copies of the '
@@ -367,10 +401,11 @@ def report(rows, args, argv, pad):
       'entry (matrices at extreme scales are redone prescaled); the '
       'eigenproblems run per size bucket (Gram matrices zero-padded to 16, '
       '24, 32, 48, 64, ...; ResNet-50: 6 buckets instead of 15 shape '
-      'groups) and compute eigenvalues only (singular values of the Gram '
-      "matrix, LAPACK ?gesdd jobz='N'; `lj.vbmf.use_lapack_eigenvalues()` "
-      "opts in to ?syevd mode 'N'); 'auto' compiles the SVD only when a "
-      'matrix needs it; the spectra program is compiled at XLA optimization '
+      'groups) and compute eigenvalues only '
+      "(LAPACK ?syevd mode 'N' through jaxlib's own target after a "
+      "self-check; `lj.vbmf.use_lapack_eigenvalues(False)` falls back to "
+      "the singular values, ?gesdd jobz='N'); 'auto' compiles the SVD only "
+      'when a matrix needs it; the spectra program is compiled at XLA optimization '
       'level 0 on CPU and the EVBMF solve, a second program with the default '
       'options, compiles in a second thread from the spectra\'s output '
       'shapes; `compilation_cache=DIR` (opt-in, JAX\'s persistent '
@@ -398,6 +433,7 @@ def main(argv=None):
                                                     'benchmarks_vbmf.md'))
   parser.add_argument('--child', help=argparse.SUPPRESS)
   parser.add_argument('--cache', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--svd', action='store_true', help=argparse.SUPPRESS)
   argv = sys.argv[1:] if argv is None else argv
   args = parser.parse_args(argv)
   if args.fresh < 1:
@@ -407,7 +443,7 @@ def main(argv=None):
     parser.error(f'--repeats {args.repeats}: must be >= 1 (the warm rows '
                  'are medians over that many rounds)')
   if args.child:
-    child(args.child, args.cache)
+    child(args.child, args.cache, args.svd)
     return
   rows = []
   with tempfile.TemporaryDirectory() as workdir:

@@ -670,28 +670,33 @@ def test_vbmf_ranks_compiles_two_programs_once(resnet20):
   assert list(third.values()) == list(first.values())
 
 
-def test_lapack_eigenvalue_path_is_opt_in_active_and_correct(resnet20):
-  """Off by default; when on, the compiled program calls LAPACK directly and
-  gives the same ranks as the default path."""
-  assert not vbmf._LAPACK['on']
-  default = vbmf.vbmf_ranks(resnet20, select=r'stage3.*')
+def test_lapack_eigenvalue_path_is_default_correct_and_can_be_turned_off(
+    resnet20):
+  """On by default (where its self-check passes, as it must on the jaxlib we
+  test): the compiled program calls LAPACK directly; turned off, the SVD
+  gives the same eigenvalues and ranks."""
+  assert vbmf._LAPACK['on']
   gram = jnp.asarray(planted((20, 40), 3, seed=1) @ planted((20, 40), 3,
                                                           seed=1).T,
                      jnp.float32)
   jaxpr = lambda: str(jax.make_jaxpr(lambda g: vbmf._gram_eigenvalues(g))(gram))
-  assert 'ffi_call' not in jaxpr()
+  if not vbmf.use_lapack_eigenvalues(True):
+    pytest.fail('the LAPACK eigenvalue target failed its self-check on '
+                'this jaxlib: update _syevd_values_call or drop it')
+  # A new function each time: make_jaxpr caches traces per function.
+  assert 'ffi_call' in jaxpr()
+  expected = np.linalg.eigvalsh(np.asarray(gram))[::-1]
+  np.testing.assert_allclose(vbmf._gram_eigenvalues(gram), expected,
+                             rtol=1e-4, atol=1e-3)
+  default = vbmf.vbmf_ranks(resnet20, select=r'stage3.*')
   try:
-    if not vbmf.use_lapack_eigenvalues(True):
-      pytest.fail('the LAPACK eigenvalue target failed its self-check on '
-                  'this jaxlib: update _syevd_values_call or drop it')
-    # A new function each time: make_jaxpr caches traces per function.
-    assert 'ffi_call' in jaxpr()
-    np.testing.assert_allclose(vbmf._gram_eigenvalues(gram),
-                               np.linalg.eigvalsh(np.asarray(gram))[::-1],
+    assert not vbmf.use_lapack_eigenvalues(False)
+    assert 'ffi_call' not in jaxpr()
+    np.testing.assert_allclose(vbmf._gram_eigenvalues(gram), expected,
                                rtol=1e-4, atol=1e-3)
     assert vbmf.vbmf_ranks(resnet20, select=r'stage3.*') == default
   finally:
-    vbmf.use_lapack_eigenvalues(False)
+    vbmf.use_lapack_eigenvalues(True)
 
 
 # ---------------------------------------------------------------------------
@@ -736,10 +741,15 @@ def test_bucketed_network_equals_unbucketed_evbmf(method):
     d = details[f'd{i}']
     assert d['vbmf'] == (int(alone.rank),), shape
     assert (min(shape) < 4) or d['vbmf'] == (5,), shape
-    np.testing.assert_allclose(d['sigma2'][0], alone.sigma2, rtol=1e-5)
-    np.testing.assert_allclose(d['threshold'][0], alone.threshold, rtol=1e-5)
     np.testing.assert_allclose(d['singular_values'][0], gamma, rtol=1e-5,
                                atol=1e-6 * float(gamma[0]))
+    # The free energy can be flat at its minimum: for 40 x 300, sigma2 0.99512
+    # and 0.99611 differ in Omega by 1.7e-5 of 23.17 (float64, exact
+    # spectrum), a change the padding's rounding-level change of the
+    # spectrum (2e-7 of gamma_1, LAPACK ?syevd) can cause; so sigma2 and the
+    # threshold agree to that flatness, not to float precision.
+    np.testing.assert_allclose(d['sigma2'][0], alone.sigma2, rtol=2e-3)
+    np.testing.assert_allclose(d['threshold'][0], alone.threshold, rtol=1e-3)
 
 
 @pytest.mark.parametrize('backend', [None, 'cpu'])  # both compiled variants

@@ -16,9 +16,9 @@ form (MUSCO re-compression). The ranks are then weakened
 
 Modules:
 
-* :mod:`~lowrank_jax.vbmf.linalg`: spectra (Gram route / SVD), the opt-in
-  LAPACK eigenvalue path (:func:`use_lapack_eigenvalues`), exact power-of-two
-  scaling.
+* :mod:`~lowrank_jax.vbmf.linalg`: spectra (Gram route / SVD), the CPU
+  LAPACK eigenvalue path (:func:`use_lapack_eigenvalues` turns it off),
+  exact power-of-two scaling.
 * :mod:`~lowrank_jax.vbmf.solver`: :func:`evbmf`, :class:`EVBMFResult`, the
   free energy and its global minimizer, input checks (implementation notes
   there).

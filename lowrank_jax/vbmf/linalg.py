@@ -3,10 +3,10 @@
 * :func:`_squared_singular_values`: gamma_h^2 of a matrix by the Gram route
   (eigenvalues of ``Y Y^T``) or the SVD (the ``method`` of :func:`evbmf`).
 * :func:`_gram_eigenvalues`: eigenvalues of a Gram matrix without
-  eigenvectors; by default its singular values (``?gesdd``, jobz='N'), or
-  jaxlib's CPU LAPACK ``?syevd`` in mode 'N' after
-  :func:`use_lapack_eigenvalues` (opt-in; the one switch is ``_LAPACK``,
-  read while tracing).
+  eigenvectors: on CPU jaxlib's LAPACK ``?syevd`` in mode 'N' where its
+  self-check passes, else (other backends, or after
+  ``use_lapack_eigenvalues(False)``) its singular values (``?gesdd``,
+  jobz='N' on CPU); the one switch is ``_LAPACK``, read while tracing.
 * :func:`_pow2`, :func:`_ldexp`, :func:`_host_ldexp`: exact scaling by powers
   of two (device and host), so that the solve neither under- nor overflows.
 """
@@ -45,31 +45,34 @@ def _syevd_values_call(target: str, g: jax.Array) -> jax.Array:
 
 
 
-# Opt-in fast path (off by default): see use_lapack_eigenvalues.
-_LAPACK = {'on': False}
+# Whether the CPU eigenvalue-only LAPACK call is wanted (the default; it is
+# used only where its self-check passes): see use_lapack_eigenvalues.
+_LAPACK = {'on': True}
 
 
 def use_lapack_eigenvalues(enabled: bool = True) -> bool:
-  """Opts in to (or out of) jaxlib's CPU LAPACK eigenvalue-only call.
+  """Turns jaxlib's CPU LAPACK eigenvalue-only call on (default) or off.
 
-  LAPACK ``?syevd`` in mode 'N' computes eigenvalues only, a little faster
-  than the default, the singular values of the Gram matrix (``?gesdd``,
-  jobz='N'): the ResNet-50 spectra program of bench/bench_vbmf.py ran
-  13% faster (1.25 s -> 1.08 s on 2 cores shared with a training run). The call
-  goes through a target that is private to jaxlib (``jax._src.lib.lapack``),
-  so it is off by default and, when asked for, used only after a self-check
-  on a matrix with known eigenvalues; a jaxlib that changed it keeps the
-  default path. Functions already compiled are not affected.
+  LAPACK ``?syevd`` in mode 'N' computes eigenvalues only, faster than the
+  singular values of the Gram matrix (``?gesdd``, jobz='N', the only
+  eigenvalue-only route jax's public API offers on CPU): warm
+  ``vbmf_ranks`` on the ResNet-50 matrices of bench/bench_vbmf.py
+  (docs/benchmarks_vbmf.md). The call goes through a target that is
+  private to jaxlib (``jax._src.lib.lapack``), so it is used only after a
+  self-check on a matrix with known eigenvalues (run once, at the first
+  trace that needs it); a jaxlib that changed it gets the SVD instead.
+  Other backends always use the SVD. Functions already compiled are not
+  affected.
 
   Args:
-    enabled: turn the fast path on (True) or off (False).
+    enabled: use the LAPACK call where it passes its self-check (True) or
+      never (False).
 
   Returns:
-    Whether the fast path is now active.
+    Whether the LAPACK call is now in use.
   """
-  _LAPACK['on'] = bool(enabled) and (
-      _lapack_syevd_target('float32') is not None)
-  return _LAPACK['on']
+  _LAPACK['on'] = bool(enabled)
+  return _LAPACK['on'] and _lapack_syevd_target('float32') is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +89,10 @@ def _lapack_syevd_target(dtype_name: str) -> Optional[str]:
     probe = np.array([[3., 1., 0.], [1., 3., 0.], [0., 0., 1.]], dtype_name)
     with jax.ensure_compile_time_eval():
       probe = jax.device_put(probe, jax.devices('cpu')[0])
-      got = jax.jit(functools.partial(_syevd_values_call, target))(probe)
+      # Optimization level 0: the check compiles in ~0.03 s.
+      got = jax.jit(functools.partial(_syevd_values_call, target),
+                    compiler_options={'xla_backend_optimization_level': 0}
+                    )(probe)
       got = np.asarray(jax.device_get(got))
     if np.allclose(got, [1., 2., 4.], rtol=1e-5):
       return target
@@ -98,17 +104,17 @@ def _lapack_syevd_target(dtype_name: str) -> Optional[str]:
 def _gram_eigenvalues(gram: jax.Array) -> jax.Array:
   """Eigenvalues of a symmetric PSD (Gram) matrix, largest first, no vectors.
 
-  By default its singular values, ``jax.lax.linalg.svd(compute_uv=False)``
-  (LAPACK ``?gesdd`` with jobz='N' on CPU): for a positive semidefinite
-  matrix they are the eigenvalues (a rounding-level negative eigenvalue
-  comes out as its absolute value, below the Gram route's cut either way).
-  ``jnp.linalg.eigvalsh`` runs ``?syevd`` *with* eigenvectors on CPU (its
-  eigenvalue-only mode is not exposed): on the ResNet-50 matrices of
-  bench/bench_vbmf.py the spectra program ran 10% faster with the SVD
-  (jax 0.10.2, 2 shared cores). With :func:`use_lapack_eigenvalues` on,
-  this calls jaxlib's own ``?syevd`` FFI target in mode 'N' on CPU (after a
-  self-check, see :func:`_lapack_syevd_target`; 13% faster again). A LAPACK
-  failure gives NaN.
+  On CPU, jaxlib's own ``?syevd`` FFI target in mode 'N' (eigenvalues
+  only), after a self-check (:func:`_lapack_syevd_target`) and unless
+  ``use_lapack_eigenvalues(False)``. Otherwise its singular values,
+  ``jax.lax.linalg.svd(compute_uv=False)`` (LAPACK ``?gesdd`` with jobz='N'
+  on CPU): for a positive semidefinite matrix they are the eigenvalues (a
+  rounding-level negative eigenvalue comes out as its absolute value, below
+  the Gram route's cut either way). ``jnp.linalg.eigvalsh`` runs ``?syevd``
+  *with* eigenvectors on CPU (its eigenvalue-only mode is not exposed): on
+  the ResNet-50 matrices of bench/bench_vbmf.py the spectra program ran 10%
+  faster with the SVD (jax 0.10.2, 2 shared cores). A LAPACK failure gives
+  NaN.
   """
   def fallback(g):
     return jax.lax.linalg.svd(g, full_matrices=False, compute_uv=False)

@@ -122,8 +122,9 @@ def _network_spectra_impl(sources, kinds, groups, method, prescale,
       sorted by L within each dtype (:func:`_program_inputs`).
     method: 'auto', 'gram' or 'svd'.
     prescale: scale the matrices before their Gram products (the redo).
-    lapack: whether :func:`use_lapack_eigenvalues` was on (read at trace
-      time; a static argument so that each setting has its own program).
+    lapack: the switch of :func:`use_lapack_eigenvalues` (on by default;
+      read at trace time; a static argument so that each setting has its
+      own program).
 
   Returns:
     ``{dtype: (lam (N, P), L (N,), M (N,), e (N,), finite (N,), rescale
