@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lowrank_jax import forms
+from lowrank_jax import tree
 from lowrank_jax.forms import base
 
 SPECS = [
@@ -34,6 +35,22 @@ def test_forward_matches_merged_kernel(form, ranks, spec):
   y = module.forward(v, x, spec)
   ref = base.conv(x, module.to_kernel(v), spec)
   np.testing.assert_allclose(y, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('form,shape,ranks', [
+    ('dense', (3, 3, 6, 8), None), ('dense', (12, 5), None),
+    ('tucker2', (3, 3, 6, 8), (3, 4)), ('cp', (3, 3, 6, 8), (4,)),
+    ('svd', (3, 3, 6, 8), (3,)), ('svd', (12, 5), (3,)),
+    ('overparam', (3, 3, 6, 8), (9, 11)), ('adtn', (3, 3, 6, 8), (2,)),
+    ('adtn', (12, 5), (2,))])
+def test_kernel_shape_is_the_merged_kernels(form, shape, ranks):
+  """tree.kernel_shape reads a form's own kernel_shape where it has one
+  (dense, adtn), else the shape of to_kernel: the same answer."""
+  options = {'overparam': {'key': jax.random.PRNGKey(2)},
+             'adtn': {'key': jax.random.PRNGKey(2), 'steps': 0}}
+  module = forms.get(form)
+  v = module.from_kernel(_kernel(shape), ranks, **options.get(form, {}))
+  assert tree.kernel_shape(v) == shape == module.to_kernel(v).shape
 
 
 @pytest.mark.parametrize('spec', SPECS[:2])

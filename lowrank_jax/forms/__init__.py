@@ -9,6 +9,8 @@ A form module defines:
 * ``SUPPORTS_GROUPS``: whether it can run a grouped conv.
 * ``forward(v, x, spec)``: the layer's output without bias.
 * ``to_kernel(v)``: the equivalent dense kernel (HWIO, or (C_in, C_out)).
+* optionally ``kernel_shape(v)``: that kernel's shape, read from the
+  variables' shapes (else ``jax.eval_shape`` of ``to_kernel``).
 * ``from_kernel(kernel, ranks, **options)``: variables of this form.
 * ``ranks(v)``: its ranks as a tuple of ints, read from shapes.
 * ``flops(v, spec, in_shape, out_shape)``: multiply-adds for one call.

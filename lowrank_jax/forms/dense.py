@@ -25,6 +25,10 @@ def to_kernel(v):
   return v['kernel']
 
 
+def kernel_shape(v) -> tuple[int, ...]:
+  return tuple(v['kernel'].shape)
+
+
 def from_kernel(kernel, ranks=None):
   del ranks
   return {'kernel': kernel}
