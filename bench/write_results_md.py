@@ -427,7 +427,9 @@ def main():
           + ' 0.5 points of its baseline')
     if verdicts:
       out += ['', 'Against the baselines (ADTN after training): '
-              + '; '.join(verdicts) + '.']
+              + '; '.join(verdicts) + '.'
+              + (' With more depth and longer training, see "More '
+                 'capacity" below.' if depth_sweep else '')]
     if sweep:
       runs = sweep['runs']
       pairs = ' '.join(f'{x["fit_steps"]}:{x["noise"]:g}' for x in runs)
