@@ -113,10 +113,9 @@ def fit(kernel, depth: int, *, nonlinearity: str = 'relu', steps: int = 500,
   The scale is at its least-squares value for the gates throughout
   (:func:`ls_scale`; Adam moves the gates only) and the best iterate is
   kept, so the returned error is at most 1 (the zero tensor's) and at most
-  the initialisation's. A
-  norm-matched initial scale (``||W_hat|| = ||W||``, as before 2025-06)
-  (this module's earlier init) makes the near-orthogonal initial decode
-  score ``sqrt(2)``; 20 Adam steps did not move it, which is how
+  the initialisation's. A norm-matched initial scale (``||W_hat|| =
+  ||W||``, the init before 2025-06) makes the near-orthogonal initial
+  decode score ``sqrt(2)``; 20 Adam steps did not move it, which is how
   ``docs/results.md`` once reported errors of 1.40-1.47.
 
   Args:
