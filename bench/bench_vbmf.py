@@ -393,8 +393,9 @@ def report(rows, args, argv, pad):
                  f'1024 x 4608), estimate | {pad:.2f} | - |')
   lines += ['']
   for r in rows:
-    first_ok = r['warm_cache']['first'] / _pooled(r) <= 0.5
-    cold_ok = r['cold']['first'] / _pooled(r) <= 0.5
+    pooled = _pooled(r)
+    first_ok = r['warm_cache']['first'] / pooled <= 0.5
+    cold_ok = r['cold']['first'] / pooled <= 0.5
     warm_ok = r['warm'] <= r['floor']
     lines.append(
         f'{r["net"]}: EVBMF ranks identical to the reference on '

@@ -243,7 +243,7 @@ def _encode_per_layer(params, *, select, depth, key, min_size, fit_options):
     kernel = forms.to_kernel(variables)
     index[path] = len(index)
     out, err, _ = adtn_fit.fit(kernel, m, **fit_options,
-                                key=jax.random.fold_in(key, index[path]))
+                               key=jax.random.fold_in(key, index[path]))
     results[path] = (err, n, after,
                      _fit_error(adtn_form.to_kernel(out), kernel))
     return out

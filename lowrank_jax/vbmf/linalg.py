@@ -55,9 +55,9 @@ def use_lapack_eigenvalues(enabled: bool = True) -> bool:
 
   LAPACK ``?syevd`` in mode 'N' computes eigenvalues only, faster than the
   singular values of the Gram matrix (``?gesdd``, jobz='N', the only
-  eigenvalue-only route jax's public API offers on CPU): warm
-  ``vbmf_ranks`` on the ResNet-50 matrices of bench/bench_vbmf.py
-  (docs/benchmarks_vbmf.md). The call goes through a target that is
+  eigenvalue-only route jax's public API offers on CPU); the warm rows of
+  docs/benchmarks_vbmf.md time both on the ResNet-50 matrices of
+  bench/bench_vbmf.py. The call goes through a target that is
   private to jaxlib (``jax._src.lib.lapack``), so it is used only after a
   self-check on a matrix with known eigenvalues (run once, at the first
   trace that needs it); a jaxlib that changed it gets the SVD instead.
