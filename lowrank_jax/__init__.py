@@ -6,7 +6,8 @@ Pure transforms of Flax parameter trees and NNX modules
 counting and timing (``never_slower``, ``fastest_network``). Any linen
 model whose layers are ``nn.Conv`` / ``nn.Dense`` runs a transformed tree
 through ``lj.apply(model, variables, x)``; a transformed NNX module is a new
-module that runs as it is.
+module that runs as it is. On CPU, ``vbmf_ranks`` and the splits run their
+LAPACK work with the host BLAS held at one thread (``set_lapack_threads``).
 """
 
 from lowrank_jax import forms
@@ -16,6 +17,7 @@ from lowrank_jax.adtn_timing import decode_time, DecodeTime
 from lowrank_jax.counting import (count_flops, count_params, FlopsReport,
                                   LayerFlops)
 from lowrank_jax.deploy import export
+from lowrank_jax.lapack_threads import set_lapack_threads
 from lowrank_jax.models import get_model, MODELS
 from lowrank_jax.nnx_surgery import FormLayer
 from lowrank_jax.penalties import orthogonal_penalty
@@ -49,6 +51,7 @@ __all__ = [
     'LayerFlops', 'adtn_param_count', 'decode_time', 'DecodeTime',
     'time_layers', 'LayerTiming', 'never_slower', 'NeverSlowerReport',
     'time_networks', 'NetworkTiming', 'fastest_network', 'NetworkChoice',
+    'set_lapack_threads',
     # deployment
     'export',
     # the built-in models

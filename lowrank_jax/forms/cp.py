@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax.forms import base
+from lowrank_jax.lapack_threads import limits_threads
 
 NAME = 'cp'
 KEYS = frozenset({'cp_in', 'cp_h', 'cp_w', 'cp_out'})
@@ -162,6 +163,7 @@ def _cp_als(kernel, key, rank, iters):
   return {'cp_in': c, 'cp_h': a, 'cp_w': b, 'cp_out': d.T}
 
 
+@limits_threads
 def from_kernel(kernel, ranks, *, als_iters: int = 50, seed: int = 0):
   """CP factors of an HWIO kernel by ALS.
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax.forms import base
+from lowrank_jax.lapack_threads import limits_threads
 
 NAME = 'svd'
 KEYS = frozenset({'u', 'v'})
@@ -110,6 +111,7 @@ def _svd(kernel, rank):
   return {'u': u, 'v': root[:, None] * vt[:rank]}
 
 
+@limits_threads
 def from_kernel(kernel, ranks):
   """Truncated SVD of a kernel's (everything but C_out) x C_out matricization.
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax.forms import base
+from lowrank_jax.lapack_threads import limits_threads
 
 NAME = 'tucker2'
 KEYS = frozenset({'u_in', 'core', 'u_out'})
@@ -218,6 +219,7 @@ _hosvd = _jit_per_backend(_hosvd_impl, ('r_in', 'r_out'))
 _hooi = _jit_per_backend(_hooi_impl, ('r_in', 'r_out'))
 
 
+@limits_threads
 def from_kernel(kernel, ranks, *, hooi_iters: int = 100,
                 hooi_tol: float = 1e-5):
   """Tucker-2 factors of an HWIO kernel by HOOI from HOSVD, to a tolerance.
@@ -253,6 +255,7 @@ def from_kernel(kernel, ranks, *, hooi_iters: int = 100,
   return _hooi(kernel, r_in, r_out, int(hooi_iters), float(hooi_tol))
 
 
+@limits_threads
 def refine(v, ranks, *, hooi_iters: int = 100, hooi_tol: float = 1e-5):
   """Re-compresses a Tucker-2 layer by decomposing only its core (MUSCO).
 

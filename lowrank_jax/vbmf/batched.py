@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax.lapack_threads import limits_threads
 from lowrank_jax.vbmf import linalg
 from lowrank_jax.vbmf.linalg import _host_ldexp, _ldexp
 from lowrank_jax.vbmf.solver import _evbmf_sq, _gram_unsure
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
   from lowrank_jax.vbmf.network import _Layer
 
 
+@limits_threads
 def evbmf_per_mode(plan: tuple[_Layer, ...], all_layers, method: str, *,
                    compilation_cache=None) -> dict[tuple[int, int], tuple]:
   """EVBMF of every mode's matrix of the planned layers, on the host.
