@@ -74,9 +74,9 @@ def _workload(name, npz):
   def summary(split):
     # Relative error of each split layer: factors are defined up to
     # rotations within (near-)equal singular values, their errors are not.
-    errors = {}
+    errors, dense = {}, tree.layers(params)
     for path, layer in tree.layers(split).items():
-      kernel = tree.layers(params)[path]['kernel']
+      kernel = dense[path]['kernel']
       merged = lj.forms.to_kernel(layer)
       errors[path] = float(jnp.linalg.norm(merged - kernel)
                            / jnp.linalg.norm(kernel))
