@@ -13,6 +13,12 @@ meet it), alternating the two sides:
   * ``tucker2``: ``lj.tucker2_split`` (HOOI, the default) of every k x k
     conv of resnet18's planted kernels at a quarter of their channels: the
     first call, then one warm call;
+  * ``evbmf``: ``lj.evbmf`` called eagerly (as in a notebook) on the
+    C_out x (kh kw C_in) matrix of each k x k conv of the ResNet-50 planted
+    kernels, one call per matrix: the first pass, then one warm pass;
+  * ``overparam``: ``lj.overparameterize`` (expansion 1, the he2024 start:
+    a QR per factor) of resnet18's planted kernels: the first call, then
+    one warm call;
 
 once on the machine as it is ("idle": nothing else started) and then next
 to ``--load`` training runs in other processes for as long as the
@@ -47,8 +53,15 @@ import hostinfo  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, 'docs', 'benchmarks_lapack_threads.md')
-WARM = {'vbmf': 3, 'tucker2': 1}
+WARM = {'vbmf': 3, 'tucker2': 1, 'evbmf': 1, 'overparam': 1}
+# The planted kernels each workload runs on (bench/bench_vbmf.py).
+NETS = {'vbmf': 'resnet50', 'tucker2': 'resnet18', 'evbmf': 'resnet50',
+        'overparam': 'resnet18'}
 SIDES = ('limit 1', 'as is')
+# What each workload's processes are checked to agree on.
+SAME = {'vbmf': 'ranks.', 'evbmf': 'ranks.',
+        'tucker2': 'relative error per layer (to 1e-4).',
+        'overparam': 'core norm per layer (to 1e-4).'}
 
 
 def _workload(name, npz):
@@ -63,6 +76,19 @@ def _workload(name, npz):
   if name == 'vbmf':
     return (lambda: lj.vbmf_ranks(params),
             lambda r: {p: list(v) for p, v in r.items()})
+  if name == 'evbmf':
+    mats = {p: v['kernel'].reshape(-1, v['kernel'].shape[-1]).T
+            for p, v in tree.layers(params).items()
+            if v['kernel'].ndim == 4 and v['kernel'].shape[0] > 1}
+    return (lambda: {p: int(lj.evbmf(m).rank) for p, m in mats.items()},
+            lambda r: r)
+  if name == 'overparam':
+    key = jax.random.PRNGKey(0)
+    return (lambda: jax.block_until_ready(lj.overparameterize(params,
+                                                              key=key)),
+            lambda out: {p: float(jnp.linalg.norm(v['op_core']))
+                         for p, v in tree.layers(out).items()
+                         if 'op_core' in v})
 
   def quarter(_, layer):
     c_in, c_out = layer['kernel'].shape[2:]
@@ -208,9 +234,8 @@ def write(results, args, seconds):
       same = _same(runs)
       lines.append(f'* {scene}, {name}: ' + (
           'fewer than two finished processes to compare.' if same is None
-          else 'every finished process gave the same '
-          + ('ranks.' if name == 'vbmf' else 'relative error per layer '
-             '(to 1e-4).') if same else
+          else 'every finished process gave the same ' + SAME[name]
+          if same else
           '**the processes disagree**.'))
   with open(DOC, 'a' if args.append else 'w') as f:
     f.write(('\n' if args.append else '') + '\n'.join(lines) + '\n')
@@ -241,12 +266,12 @@ def main(argv=None):
   from lowrank_jax import tree  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as workdir:
-    npz = {}
-    for name, net in (('vbmf', 'resnet50'), ('tucker2', 'resnet18')):
+    for net in sorted({NETS[name] for name in args.workloads}):
       layers = tree.layers(build_params(net))
-      npz[name] = os.path.join(workdir, f'{net}.npz')
-      np.savez(npz[name], **{p: np.asarray(v['kernel'])
-                             for p, v in layers.items()})
+      np.savez(os.path.join(workdir, f'{net}.npz'),
+               **{p: np.asarray(v['kernel']) for p, v in layers.items()})
+    npz = {name: os.path.join(workdir, f'{NETS[name]}.npz')
+           for name in args.workloads}
     results = {'idle': measure(args.workloads, npz, args.repeats,
                                args.timeout)}
     for nice in args.load_nice if args.load else ():

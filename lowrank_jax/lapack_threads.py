@@ -7,9 +7,12 @@ for the same cores. With one BLAS thread the warm calls of
 docs/benchmarks_lapack_threads.md ran 1.3-2.8x faster next to a training
 run in another process (2 cores), and 1.0-1.2x idle.
 
-So the library's LAPACK-heavy calls (:func:`lowrank_jax.vbmf_ranks` and
-the factors of the tucker2, svd and cp forms, which every split transform
-builds) run inside :func:`limited`: the host BLAS libraries are limited to
+So the library's LAPACK calls (:func:`lowrank_jax.vbmf_ranks`,
+:func:`lowrank_jax.evbmf` called eagerly, and the factors of the tucker2,
+svd, cp and overparam forms, which the split transforms and
+:func:`lowrank_jax.overparameterize` build) run inside :func:`limited`;
+under a user's ``jax.jit`` the LAPACK calls run later, outside it. The
+host BLAS libraries are limited to
 :func:`set_lapack_threads` threads (default 1: XLA's pool already runs the
 work in parallel) through threadpoolctl, and restored when the call
 returns. Nothing is set at import. Other backends run no host LAPACK; the

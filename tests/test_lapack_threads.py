@@ -112,3 +112,37 @@ def test_vbmf_ranks_and_splits_run_under_the_limit(monkeypatch):
   for name in split:
     np.testing.assert_allclose(split[name], free[name], rtol=1e-5,
                                atol=1e-6)
+
+
+def test_eager_evbmf_and_overparam_factors_run_under_the_limit(monkeypatch):
+  from lowrank_jax.forms import overparam  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.vbmf import solver  # pylint: disable=g-import-not-at-top
+  seen = {}
+
+  def spy(name, fn):
+    def call(*args, **kwargs):
+      seen.setdefault(name, []).append(_blas_threads())
+      return fn(*args, **kwargs)
+    return call
+
+  monkeypatch.setitem(solver._EVBMF_COMPILED, 'auto',
+                      spy('evbmf', solver._EVBMF_COMPILED['auto']))
+  monkeypatch.setattr(overparam, '_orthonormal_rows',
+                      spy('overparam', overparam._orthonormal_rows))
+  y = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (24, 40)))
+  kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 8, 12))
+  key = jax.random.PRNGKey(3)
+  got = lj.evbmf(y)
+  factors = overparam.from_kernel(kernel, (16, 24), key=key)
+  assert set(seen) == {'evbmf', 'overparam'}
+  assert all(n == 1 for calls in seen.values() for got_ in calls
+             for _, n in got_)
+  # The same results with the host BLAS as it is.
+  lj.set_lapack_threads(None)
+  free = lj.evbmf(y)
+  assert int(free.rank) == int(got.rank)
+  np.testing.assert_allclose(free.shrunk, got.shrunk, rtol=1e-5, atol=1e-6)
+  again = overparam.from_kernel(kernel, (16, 24), key=key)
+  for name in factors:
+    np.testing.assert_allclose(again[name], factors[name], rtol=1e-5,
+                               atol=1e-6)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax.forms import base
+from lowrank_jax.lapack_threads import limits_threads
 
 NAME = 'overparam'
 KEYS = frozenset({'op_in', 'op_core', 'op_out'})
@@ -55,6 +56,7 @@ def _orthonormal_rows(key, rows, cols, dtype):
   return q.T.astype(dtype)
 
 
+@limits_threads
 def from_kernel(kernel, ranks, *, key=None):
   """Exact over-parameterized factors of a kernel.
 
