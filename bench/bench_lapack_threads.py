@@ -22,7 +22,8 @@ meet it), alternating the two sides:
 
 once on the machine as it is ("idle": nothing else started) and then next
 to ``--load`` training runs in other processes for as long as the
-measurement lasts: ``train.py`` with ``--load-config`` (default
+measurement lasts, timed from ``--load-warmup`` seconds after their start
+(the scene names the training step they had logged by then): ``train.py`` with ``--load-config`` (default
 configs/vgg7w.py, and ``--load-pipeline``, default direct, on
 Fashion-MNIST) in a temporary
 workdir, once per ``--load-nice`` niceness of those processes (0, and 5 as
@@ -153,8 +154,9 @@ def measure(names, npz, repeats, timeout):
   return results
 
 
-def _start_load(n, nice, config, pipeline, workdir):
-  """``n`` training runs of ``config`` at ``nice``, stepping on return."""
+def _start_load(n, nice, config, pipeline, workdir, warmup):
+  """``n`` training runs of ``config`` at ``nice``, ``warmup`` seconds
+  after their start (data read, compiled and stepping, see _load_steps)."""
   procs = [subprocess.Popen(
       ['nice', '-n', str(nice), sys.executable,
        os.path.join(ROOT, 'train.py'), f'--config={config}',
@@ -163,11 +165,27 @@ def _start_load(n, nice, config, pipeline, workdir):
        '--config.progress=False', '--config.checkpoint_every_steps=0'],
       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
            for i in range(n)]
-  time.sleep(60)  # data read, compiled and stepping before anything is timed
+  time.sleep(warmup)
   for p in procs:
     if p.poll() is not None:
       raise SystemExit(f'the load ({config}) exited with {p.returncode}')
   return procs
+
+
+def _load_steps(workdir, nice, n):
+  """The training step each load run had logged, as text."""
+  steps = []
+  for i in range(n):
+    path = os.path.join(workdir, f'load{nice}_{i}', 'metrics.jsonl')
+    last = None
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          rec = json.loads(line)
+          if rec.get('split') == 'train':
+            last = rec.get('step')
+    steps.append('none yet' if last is None else str(last))
+  return ', '.join(steps)
 
 
 def _same(runs):
@@ -256,6 +274,9 @@ def main(argv=None):
   parser.add_argument('--load-nice', type=int, nargs='+', default=[0, 5],
                       help='one loaded scene per niceness of the load '
                       '(5: a training run started with nice -n 5)')
+  parser.add_argument('--load-warmup', type=float, default=60.0,
+                      help='seconds the load runs before timing starts '
+                      '(the scene names the step it had logged by then)')
   parser.add_argument('--timeout', type=float, default=150.0,
                       help='seconds before a process is stopped')
   parser.add_argument('--no-write', action='store_true')
@@ -276,12 +297,13 @@ def main(argv=None):
                                args.timeout)}
     for nice in args.load_nice if args.load else ():
       procs = _start_load(args.load, nice, args.load_config,
-                          args.load_pipeline, workdir)
+                          args.load_pipeline, workdir, args.load_warmup)
       try:
+        steps = _load_steps(workdir, nice, args.load)
         results[f'next to {args.load} train.py run(s) of '
                 f'{args.load_config} ({args.load_pipeline}) at nice '
-                f'{nice}'] = measure(args.workloads, npz, args.repeats,
-                                     args.timeout)
+                f'{nice}, timed from step {steps}'] = measure(
+                    args.workloads, npz, args.repeats, args.timeout)
       finally:
         for p in procs:
           p.kill()

@@ -4,8 +4,8 @@ On CPU, jaxlib runs LAPACK (the eigendecompositions, SVDs and solves of
 the splits and the EVBMF spectra) as custom calls on XLA's worker threads,
 through SciPy's OpenBLAS, whose own thread pool then competes with XLA's
 for the same cores. With one BLAS thread the warm calls of
-docs/benchmarks_lapack_threads.md ran 1.3-2.8x faster next to a training
-run in another process (2 cores), and 1.0-1.2x idle.
+docs/benchmarks_lapack_threads.md ran 1.0-4.5x faster next to a training
+run in another process (2 cores), and 1.0-1.6x idle.
 
 So the library's LAPACK calls (:func:`lowrank_jax.vbmf_ranks`,
 :func:`lowrank_jax.evbmf` called eagerly, and the factors of the tucker2,
