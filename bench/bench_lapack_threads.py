@@ -23,12 +23,12 @@ meet it), alternating the two sides:
 once on the machine as it is ("idle": nothing else started) and then next
 to ``--load`` training runs in other processes for as long as the
 measurement lasts, timed from ``--load-warmup`` seconds after their start
-(the scene names the training step they had logged by then): ``train.py`` with ``--load-config`` (default
-configs/vgg7w.py, and ``--load-pipeline``, default direct, on
-Fashion-MNIST) in a temporary
-workdir, once per ``--load-nice`` niceness of those processes (0, and 5 as
-for a run started with ``nice -n 5``). ``limit 1`` is the library's default,
-``as is`` ``lj.set_lapack_threads(None)``. A process that has not finished
+(the scene names the training step they had logged by then): ``train.py``
+with ``--load-config`` (default configs/vgg7w.py, and ``--load-pipeline``,
+default direct, on Fashion-MNIST) in a temporary workdir, once per
+``--load-nice`` niceness of those processes (0, and 5 as for a run started
+with ``nice -n 5``). ``limit 1`` is the library's default, ``as is``
+``lj.set_lapack_threads(None)``. A process that has not finished
 within ``--timeout`` seconds is stopped and shown as such. Each process
 also checks that both sides give the same ranks / factors (to rounding).
 
