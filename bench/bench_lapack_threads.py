@@ -51,6 +51,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hostinfo  # pylint: disable=g-import-not-at-top
+from write_benchmark_model_md import read_metrics  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, 'docs', 'benchmarks_lapack_threads.md')
@@ -176,15 +177,9 @@ def _load_steps(workdir, nice, n):
   """The training step each load run had logged, as text."""
   steps = []
   for i in range(n):
-    path = os.path.join(workdir, f'load{nice}_{i}', 'metrics.jsonl')
-    last = None
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          rec = json.loads(line)
-          if rec.get('split') == 'train':
-            last = rec.get('step')
-    steps.append('none yet' if last is None else str(last))
+    rows = read_metrics(os.path.join(workdir, f'load{nice}_{i}'), None)
+    last = [r['step'] for r in rows if r.get('split') == 'train']
+    steps.append(str(last[-1]) if last else 'none yet')
   return ', '.join(steps)
 
 
@@ -283,6 +278,8 @@ def main(argv=None):
   parser.add_argument('--append', action='store_true',
                       help='add this run to the page instead of replacing it')
   args = parser.parse_args(argv)
+  if args.load_warmup < 0:
+    parser.error(f'--load-warmup {args.load_warmup}: must be >= 0 seconds')
   from bench_vbmf import build_params  # pylint: disable=g-import-not-at-top
   from lowrank_jax import tree  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()

@@ -80,6 +80,8 @@ def read_probes(path):
 
 
 def read_metrics(workdir, stage):
+  """The rows of ``stage`` (every stage: None) in a workdir's
+  metrics.jsonl; a line not (yet) complete JSON is skipped."""
   path = os.path.join(ROOT, workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
@@ -90,7 +92,7 @@ def read_metrics(workdir, stage):
         r = json.loads(line)
       except json.JSONDecodeError:
         continue
-      if r.get('stage') == stage:
+      if stage is None or r.get('stage') == stage:
         rows.append(r)
   return rows
 

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax.lapack_threads import limited
+from lowrank_jax.lapack_threads import limits_threads
 from lowrank_jax.vbmf.linalg import (_compute_dtype, _ldexp,
                                      _squared_singular_values, METHODS)
 
@@ -424,13 +424,17 @@ def evbmf(y: jax.Array, *, sigma2: Optional[Any] = None,
   # dtype and method, instead of re-tracing its cond / scan on every call.
   # NumPy / Python input goes straight to jit's C++ dispatch (one transfer
   # there; a jnp.asarray first cost a second dispatch, ~30 us of 0.5 ms).
-  # The host BLAS is held at lapack_threads' limit until the result is
-  # ready: next to a training run the BLAS as it is made these calls many
-  # times slower (docs/benchmarks_lapack_threads.md, workload evbmf).
-  with limited():
-    if sigma2 is None:
-      return jax.block_until_ready(_EVBMF_COMPILED[method](y))
-    return jax.block_until_ready(_EVBMF_COMPILED_SIGMA2[method](y, sigma2))
+  return _run_compiled(y, sigma2, method)
+
+
+# The host BLAS is held at lapack_threads' limit until the result is ready:
+# next to a training run the BLAS as it is made these calls many times
+# slower (docs/benchmarks_lapack_threads.md, workload evbmf).
+@limits_threads
+def _run_compiled(y, sigma2, method):
+  if sigma2 is None:
+    return _EVBMF_COMPILED[method](y)
+  return _EVBMF_COMPILED_SIGMA2[method](y, sigma2)
 
 
 # One jitted function per method (no static argument to hash per call) and
