@@ -103,15 +103,23 @@ def refresh(results):
   place; commands, run times and tags kept). A row whose report is gone
   keeps its numbers and takes ``baseline_acc`` from the rows: a run's
   trained_acc is its 'baseline' stage except for he2024, which takes the
-  direct row of the same model, seed and device. Returns the keys whose
+  direct row of the same model, seed and device. A row whose workdir now
+  holds a run that has not reached its split (the workdir lost and started
+  again) keeps its numbers too, with a warning. Returns the keys whose
   report was read."""
   read = []
   for key, row in results.items():
     workdir = workdir_of(row)
-    if os.path.exists(os.path.join(workdir, 'report.json')):
-      row.update(summarize(workdir), baseline_acc=dense_baseline_acc(
-          workdir, row['model'], row['seed']))
-      read.append(key)
+    if not os.path.exists(os.path.join(workdir, 'report.json')):
+      continue
+    summary = summarize(workdir)
+    if _behind(row, summary):
+      print(f'# {key}: kept; {workdir}/report.json is of a run that has not '
+            'reached this row\'s split yet', flush=True)
+      continue
+    row.update(summary, baseline_acc=dense_baseline_acc(
+        workdir, row['model'], row['seed']))
+    read.append(key)
   for row in results.values():
     if row.get('baseline_acc') is None and row['pipeline'] != 'he2024':
       row['baseline_acc'] = row['trained_acc']
@@ -123,3 +131,12 @@ def refresh(results):
            r['seed'] == row['seed'] and r.get('device') == row.get('device')),
           None)
   return read
+
+
+def _behind(row, summary) -> bool:
+  """True if ``summary`` (a workdir's report now) is of a run before the
+  split that ``row`` recorded: no compress stage, or no fewer FLOPs."""
+  return ((row.get('after_compress_acc') is not None
+           and summary['after_compress_acc'] is None)
+          or (row.get('flops_ratio', 1.0) > 1.001
+              and summary['flops_ratio'] <= 1.001))

@@ -99,6 +99,23 @@ def test_refresh_fills_baseline_acc_from_reports_and_rows(tmp_path):
   assert rows['lenet5/he2024/0']['baseline_acc'] is None   # no direct row
 
 
+def test_refresh_keeps_a_row_whose_workdir_was_started_again(tmp_path,
+                                                              capsys):
+  # The workdir was lost and its run started again: only the baseline is
+  # done. Re-reading it would turn the finished row into the baseline.
+  workdir = tmp_path / 'vgg7w_direct_s0'
+  write_report(str(workdir), [('baseline', 0.94, 1000, 1000)])
+  row = dict(model='vgg7w', pipeline='direct', seed=0, baseline_acc=0.943,
+             trained_acc=0.943, after_compress_acc=0.6, final_acc=0.935,
+             flops_ratio=4.25, params_ratio=4.2, params=300, run_s=1.0,
+             command=f'python train.py --workdir={workdir}')
+  path = tmp_path / 'results.json'
+  path.write_text(json.dumps({'vgg7w/direct/0': row}))
+  results.main(['--refresh', '--results', str(path)])
+  assert json.loads(path.read_text())['vgg7w/direct/0'] == row
+  assert 'vgg7w/direct/0: kept' in capsys.readouterr().out
+
+
 def test_ablation_uniform_run_takes_the_ratio_evbmf_reached(
     tmp_path, monkeypatch, capsys):
   os.makedirs(tmp_path / 'vgg7b_direct_s0' / 'stages' / 'baseline')
