@@ -387,6 +387,27 @@ ABOUT = {'vgg7b': 'the benchmark model vgg7b',
                   'parameters, room to compress)'}
 
 
+def baselines_note(rows):
+  """Lines naming each seed whose rows start from more than one dense
+  baseline (a baseline trained again: training is not bitwise equal across
+  machines), so a difference between such rows is read with that in
+  mind."""
+  out = []
+  for seed in sorted({r['seed'] for r in rows}):
+    by_acc = {}
+    for r in rows:
+      if r['seed'] == seed and r.get('baseline_acc') is not None:
+        by_acc.setdefault(r['baseline_acc'], []).append(
+            _label(r['pipeline'], r.get('target')))
+    if len(by_acc) > 1:
+      parts = '; '.join(f'{100 * acc:.2f}% for {", ".join(sorted(set(ps)))}'
+                        for acc, ps in sorted(by_acc.items()))
+      out.append(f'Seed {seed}: its rows start from {len(by_acc)} trainings '
+                 f'of the dense baseline ({parts}); each row is compared '
+                 'with its own.')
+  return [''] + out if out else []
+
+
 def missing(rows, s):
   """The frontier's rows not in ``rows`` yet (pipeline and target)."""
   have = {(r['pipeline'], r.get('target')) for r in rows}
@@ -422,6 +443,7 @@ def section(all_rows, settings, docs):
             'fine-tuning. Test accuracy in %, mean ± half-range over seeds.',
             '', schedule_text(model, settings[model]), '']
     out += frontier_table(mine)
+    out += baselines_note(mine)
     if len(seeds) == 1:
       out += ['', f'One seed so far (seed {seeds[0]}): the spread over seeds '
               'is unknown.']

@@ -275,6 +275,19 @@ def test_section_writes_the_frontier_png_and_tables(tmp_path):
       'vgg7b_direct_uniform_evbmf_s0')
 
 
+def test_section_names_a_seed_whose_rows_start_from_two_baselines(
+    tmp_path):
+  rows = {'a': row('direct', 0, 0.925, target=4.0, base=0.9432),
+          'b': row('direct_evbmf', 0, 0.91, ratio=1.7, base=0.9399),
+          'c': row('direct', 1, 0.925, target=4.0, base=0.9378),
+          'd': row('he2024', 1, 0.925, target=4.0, base=0.9378)}
+  text = '\n'.join(frontier.section(rows, results.SETTINGS, str(tmp_path)))
+  assert ('Seed 0: its rows start from 2 trainings of the dense baseline '
+          '(93.99% for direct_evbmf; 94.32% for direct at the 4× target); '
+          'each row is compared with its own.') in text
+  assert 'Seed 1:' not in text
+
+
 # bench/results_adtn.py: the depth sweep.
 import results_adtn  # pylint: disable=g-import-not-at-top,wrong-import-position
 import write_results_md  # pylint: disable=g-import-not-at-top,wrong-import-position
