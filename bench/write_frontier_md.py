@@ -398,7 +398,8 @@ def baselines_note(rows):
     for r in rows:
       if r['seed'] == seed and r.get('baseline_acc') is not None:
         by_acc.setdefault(r['baseline_acc'], []).append(
-            _label(r['pipeline'], r.get('target')))
+            r['pipeline'] if r['pipeline'] in ABLATION
+            else _label(r['pipeline'], r.get('target')))
     if len(by_acc) > 1:
       parts = '; '.join(f'{100 * acc:.2f}% for {", ".join(sorted(set(ps)))}'
                         for acc, ps in sorted(by_acc.items()))
