@@ -173,10 +173,16 @@ def he2024_vs_direct(rows):
           + '; '.join(parts) + '.']
 
 
+# How far (as a factor) a direct row may lie from musco's ratio, outside
+# the rows, and still stand in for direct there.
+NEAR = 1.1
+
+
 def direct_at(direct, ratio):
   """``(accuracy, how)``: one seed's direct rows at a FLOPs ratio,
   interpolated linearly in log(ratio) between the measured rows around
-  it, or the nearest row when it lies outside them."""
+  it, or the nearest row when it lies outside them but within a factor
+  ``NEAR``; beyond that the accuracy is None (nothing to compare with)."""
   pts = sorted((r['flops_ratio'], r['final_acc']) for r in direct)
   below = [p for p in pts if p[0] <= ratio]
   above = [p for p in pts if p[0] >= ratio]
@@ -186,12 +192,17 @@ def direct_at(direct, ratio):
     return y0 + w * (y1 - y0), (f'interpolated between its {x0:.2f}× '
                                 f'and {x1:.2f}× rows')
   x, y = min(pts, key=lambda p: abs(math.log(p[0] / ratio)))
+  if abs(math.log(x / ratio)) > math.log(NEAR):
+    lo, hi = f'{pts[0][0]:.2f}×', f'{pts[-1][0]:.2f}×'
+    return None, 'not compared: its rows ' + (
+        f'span {lo}–{hi}' if lo != hi else f'are at {lo}')
   return y, f'from its nearest row, at {x:.2f}× (not the same ratio)'
 
 
 def musco_vs_direct(rows):
   """Lines answering: does multi-stage musco beat one-shot direct at the
-  ratio musco reached? Per seed against that seed's direct rows."""
+  ratio musco reached? Per seed against that seed's direct rows, where
+  they reach that ratio (:func:`direct_at`)."""
   head = ('**Does multi-stage (musco) beat one-shot direct at the same '
           'FLOPs ratio?** ')
   musco = [r for r in rows if r['pipeline'] == 'musco']
@@ -201,10 +212,15 @@ def musco_vs_direct(rows):
   if not pairs:
     return [head + 'Not measured yet (no seed has musco and direct rows).']
   at = {m['seed']: direct_at(ds, m['flops_ratio']) for m, ds in pairs}
-  text, _ = compare('musco', _by_seed(m for m, _ in pairs), 'direct',
-                    {s: acc for s, (acc, _) in at.items()})
   hows = '; '.join(f'seed {m["seed"]}: musco at {m["flops_ratio"]:.2f}×, '
                    f'direct {at[m["seed"]][1]}' for m, _ in pairs)
+  pairs = [(m, ds) for m, ds in pairs if at[m['seed']][0] is not None]
+  if not pairs:
+    return [head + 'Not measured yet: no seed has direct rows at or near '
+            f'musco\'s ratio ({hows}); direct at targets on both sides of '
+            'it would answer it.']
+  text, _ = compare('musco', _by_seed(m for m, _ in pairs), 'direct',
+                    {m['seed']: at[m['seed']][0] for m, _ in pairs})
   return [head + f'At musco\'s measured ratio: {text}. Direct is taken '
           f'there per seed, from that seed\'s direct rows ({hows}).']
 

@@ -247,8 +247,14 @@ def test_musco_is_compared_with_direct_interpolated_at_its_ratio():
   acc, how = frontier.direct_at(rows[:2], 2 ** 1.5)
   assert acc == pytest.approx(0.91) and 'interpolated' in how
   assert '+0.50 points' in frontier.musco_vs_direct(rows)[0]
-  _, how = frontier.direct_at(rows[:2], 1.5)
+  _, how = frontier.direct_at(rows[:2], 1.9)
   assert 'nearest row, at 2.00×' in how
+  # Far outside direct's rows: nothing to compare with, and said so.
+  assert frontier.direct_at(rows[:2], 11.0) == (
+      None, 'not compared: its rows span 2.00×–4.00×')
+  far = rows[:2] + [row('musco', 0, 0.915, ratio=11.0)]
+  assert 'Not measured yet: no seed has direct rows at or near' in (
+      frontier.musco_vs_direct(far)[0])
 
 
 def test_section_writes_the_frontier_png_and_tables(tmp_path):
