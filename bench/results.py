@@ -61,6 +61,7 @@ import subprocess
 import sys
 import time
 
+from results_rows import NO_FEWER_FLOPS
 from results_rows import ROOT
 from results_rows import dense_baseline_acc
 from results_rows import reached_ratio
@@ -259,7 +260,7 @@ def ablation_commands(models, seeds, settings, root, device):
       ratio = reached_ratio(workdir)
       key_b, name_b = row_name(model, 'direct_uniform@evbmf', seed, s,
                                device=device)
-      if ratio is not None and ratio < 1.001:
+      if ratio is not None and ratio <= NO_FEWER_FLOPS:
         print(f'# {key_b}: {key} reached {ratio:.3f}x fewer FLOPs, nothing '
               'to match', flush=True)
         continue

@@ -12,6 +12,8 @@ import os
 import shlex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A FLOPs ratio at or below this is "no fewer FLOPs" (rounding of counts).
+NO_FEWER_FLOPS = 1.001
 
 
 def row_name(model, pipeline, seed, s, target=None, device=''):
@@ -138,5 +140,5 @@ def _behind(row, summary) -> bool:
   split that ``row`` recorded: no compress stage, or no fewer FLOPs."""
   return ((row.get('after_compress_acc') is not None
            and summary['after_compress_acc'] is None)
-          or (row.get('flops_ratio', 1.0) > 1.001
-              and summary['flops_ratio'] <= 1.001))
+          or (row.get('flops_ratio', 1.0) > NO_FEWER_FLOPS
+              and summary['flops_ratio'] <= NO_FEWER_FLOPS))

@@ -1,7 +1,24 @@
-"""Shared fixtures: a few real Fashion-MNIST images from the Debian package."""
+"""Shared fixtures: a few real Fashion-MNIST images from the Debian package.
+
+The session compiles through JAX's persistent compilation cache in a fresh
+temporary directory (the tests' own ``train.py`` processes too, through the
+environment): the many pipeline runs compile the same programs, and each is
+compiled once per session. Tests about compilation itself take
+:func:`no_compilation_cache`.
+"""
 
 import os
+import shutil
+import tempfile
 
+_XLA_CACHE = tempfile.mkdtemp(prefix='lowrank_jax_tests_xla_cache_')
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+from jax._src import compilation_cache
 import numpy as np
 import pytest
 
@@ -32,3 +49,20 @@ def real_images_rgb(real_images):
   """The same images padded to 32x32 and tiled to 3 channels (CIFAR shape)."""
   x = np.pad(real_images, ((0, 0), (2, 2), (2, 2), (0, 0)))
   return np.repeat(x, 3, axis=-1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def no_compilation_cache():
+  """No persistent compilation cache for this test (JAX's default), and the
+  session's back after it."""
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', None)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update('jax_compilation_cache_dir', before)
+  compilation_cache.reset_cache()

@@ -180,9 +180,10 @@ def test_musco_recompresses_split_layers_by_their_cores(tmp_path):
   assert conv2['u_in'].shape == (6, 3) and conv2['u_out'].shape == (7, 16)
 
 
-def test_a_killed_job_resumes_at_its_stage_and_step(tmp_path, monkeypatch):
+def test_a_killed_job_resumes_at_its_stage_and_step(tmp_path, monkeypatch,
+                                                    direct_run):
   config = _config('direct')
-  reference = pipelines.run_direct(config, str(tmp_path / 'ref'))
+  reference, reference_dir = direct_run   # the same config, never killed
   real_train = loop.train
   calls = []
 
@@ -206,7 +207,7 @@ def test_a_killed_job_resumes_at_its_stage_and_step(tmp_path, monkeypatch):
         and r.get('split') == 'train']
   assert ft and min(r['step'] for r in ft) > 5
   got = checkpoint.load_variables(str(tmp_path / 'run' / 'stages' / 'finetune'))
-  want = checkpoint.load_variables(str(tmp_path / 'ref' / 'stages' /
+  want = checkpoint.load_variables(str(reference_dir / 'stages' /
                                        'finetune'))
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)

@@ -652,7 +652,8 @@ def test_vbmf_ranks_reports_sigma2_beyond_float32(resnet20, scale):
                              base['head']['threshold'][0], rtol=1e-4)
 
 
-def test_vbmf_ranks_compiles_two_programs_once(resnet20):
+def test_vbmf_ranks_compiles_two_programs_once(resnet20,
+                                              no_compilation_cache):
   """First call: one trace and one XLA compilation each of the spectra
   program and the solve; repeat calls: none. A network with a matrix that
   'auto' must redo with the SVD compiles the pair once more, once."""
@@ -672,6 +673,8 @@ def test_vbmf_ranks_compiles_two_programs_once(resnet20):
   stage2 = {p: v for p, v in tree.layers(params).items()
             if p.startswith('stage2')}
   renamed = {'net': {p.replace('/', '_'): v for p, v in stage2.items()}}
+  # The LAPACK path's self-check compiles a probe once per process: not here.
+  vbmf.use_lapack_eigenvalues(True)
   jax.clear_caches()
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
@@ -875,7 +878,8 @@ def test_auto_redoes_wide_spectra_with_the_svd():
                              gram['plain']['singular_values'][0], rtol=1e-6)
 
 
-def test_compilation_cache_is_opt_in_and_scoped(tmp_path):
+def test_compilation_cache_is_opt_in_and_scoped(tmp_path,
+                                                no_compilation_cache):
   """compilation_cache=DIR stores the compiled program there, gives the same
   ranks, and leaves JAX's configuration as it was."""
   assert jax.config.jax_compilation_cache_dir is None
@@ -887,7 +891,8 @@ def test_compilation_cache_is_opt_in_and_scoped(tmp_path):
   assert cached == vbmf.vbmf_ranks(params)
 
 
-def test_compilation_cache_rejects_a_path_that_is_no_directory(tmp_path):
+def test_compilation_cache_rejects_a_path_that_is_no_directory(
+    tmp_path, no_compilation_cache):
   """A cache path that cannot be a directory is named in the error, and
   JAX's configuration is left as it was."""
   params = _dense_tree([(37, 23)], seed=11)
