@@ -21,6 +21,7 @@ from lowrank_jax.train import errors
 from lowrank_jax.train import loop
 from lowrank_jax.train import optim
 from lowrank_jax.train import pipelines
+from lowrank_jax.train import report as report_lib
 
 
 def _config(pipeline, **compress):
@@ -92,6 +93,26 @@ def test_direct_compresses_and_writes_the_report(direct_run):
   model = lj.get_model('lenet5')
   assert lj.layer_forms(variables)['conv2'] == 'tucker2'
   assert lj.apply(model, variables, np.zeros((2, 28, 28, 1))).shape == (2, 10)
+
+
+def test_plots_are_drawn_again_only_when_their_data_changes(direct_run,
+                                                           tmp_path):
+  """write_plots skips a PNG whose data it already shows; a changed stage,
+  a deleted or a cut PNG is drawn (and renamed into place) again."""
+  report = json.loads((direct_run[1] / 'report.json').read_text())
+  names = sorted(report_lib.write_plots(str(tmp_path), report).values())
+  assert names == ['accuracy_flops.png', 'ranks.png', 'spectra.png']
+  inodes = {n: (tmp_path / n).stat().st_ino for n in names}
+  report['stages'][-1]['test']['accuracy'] -= 0.01
+  (tmp_path / 'ranks.png').write_bytes(
+      (tmp_path / 'ranks.png').read_bytes()[:100])
+  report_lib.write_plots(str(tmp_path), report)
+  again = {n: (tmp_path / n).stat().st_ino for n in names}
+  assert again['spectra.png'] == inodes['spectra.png']
+  assert again['accuracy_flops.png'] != inodes['accuracy_flops.png']
+  assert again['ranks.png'] != inodes['ranks.png']
+  assert (tmp_path / 'ranks.png').stat().st_size > 1000
+  assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
 def test_he2024_trains_factors_with_the_penalty(tmp_path):

@@ -10,6 +10,7 @@ EVBMF thresholds, params and FLOPs before and after.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -104,8 +105,13 @@ def to_markdown(report: Mapping, plots: Mapping[str, str] = ()) -> str:
 def write_plots(workdir: str, report: Mapping) -> dict[str, str]:
   """Spectra with EVBMF thresholds, ranks per layer, accuracy vs FLOPs.
 
+  Each PNG carries the SHA-256 of the data it shows (a PNG text field): a
+  plot whose data has not changed since it was written (the spectra and
+  ranks, after the first compression) is not drawn again. A PNG is
+  written to a temporary file and then renamed over the old one.
+
   Returns:
-    ``{title: file name}`` of the PNGs written.
+    ``{title: file name}`` of the PNGs in the report.
   """
   import matplotlib
   matplotlib.use('Agg')
@@ -123,13 +129,33 @@ def write_plots(workdir: str, report: Mapping) -> dict[str, str]:
             _plot_accuracy_flops, report, len(report.get('stages', [])) > 1))
   written = {}
   for title, name, plot, data, wanted in plots:
-    if wanted:
+    if not wanted:
+      continue
+    path = os.path.join(workdir, name)
+    digest = hashlib.sha256(json.dumps(
+        data, sort_keys=True, default=_plain).encode()).hexdigest()
+    if _png_digest(path) != digest:
       fig = plot(plt, data)
       fig.tight_layout()
-      fig.savefig(os.path.join(workdir, name), dpi=110)
+      fig.savefig(path + '.tmp', dpi=110, format='png',
+                  metadata={_DIGEST_KEY: digest})
       plt.close(fig)
-      written[title] = name
+      os.replace(path + '.tmp', path)
+    written[title] = name
   return written
+
+
+_DIGEST_KEY = 'Data SHA-256'
+
+
+def _png_digest(path):
+  """The data digest a plot of :func:`write_plots` carries, or None."""
+  from PIL import Image  # matplotlib's own dependency
+  try:
+    with Image.open(path) as image:
+      return image.text.get(_DIGEST_KEY)
+  except (OSError, ValueError, AttributeError):  # absent, cut, not a PNG
+    return None
 
 
 def _plot_spectra(plt, spectra):
