@@ -18,7 +18,7 @@ os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE,
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
-from jax._src import compilation_cache
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
