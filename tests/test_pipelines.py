@@ -97,8 +97,8 @@ def test_direct_compresses_and_writes_the_report(direct_run):
 
 def test_plots_are_drawn_again_only_when_their_data_changes(direct_run,
                                                            tmp_path):
-  """write_plots skips a PNG whose data it already shows; a changed stage,
-  a deleted or a cut PNG is drawn (and renamed into place) again."""
+  """write_plots skips a PNG whose data it already shows; a changed stage
+  or a cut PNG is drawn (and renamed into place) again."""
   report = json.loads((direct_run[1] / 'report.json').read_text())
   names = sorted(report_lib.write_plots(str(tmp_path), report).values())
   assert names == ['accuracy_flops.png', 'ranks.png', 'spectra.png']
