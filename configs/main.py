@@ -5,8 +5,9 @@
 vgg7b (docs/benchmark_model.md) on Fashion-MNIST: over-parameterize every
 3x3 conv, train with the orthogonality penalty, collapse, split every conv
 but the first (Tucker-2) at ranks for 3x fewer multiply-adds, fine-tune,
-and write report.json / report.md / plots. About 12 minutes on 2 CPU cores
-(README); the full 20-epoch schedule of the frontier is configs/vgg7b.py.
+and write report.json / report.md / plots. 12 to 19 minutes on 2 CPU
+cores, depending on the VM (README); the full 20-epoch schedule of the
+frontier is configs/vgg7b.py.
 """
 
 import ml_collections

@@ -140,7 +140,8 @@ def adtn_encode(params, *, select=None, depth: Depth,
       ``f(path, variables) -> M``.
     nonlinearity: between ADTN layers: 'relu', 'tanh' or 'identity'.
     steps: Adam steps per layer (0 keeps the initialisation). A step costs
-      about three decodes: ~0.1-0.2 s for Q = 18, M = 4 on two CPU cores.
+      a decode and its gradient: ~25 ms for Q = 18, M = 4 on two CPU cores
+      (docs/benchmarks_adtn_decode.md).
     learning_rate: peak Adam learning rate.
     key: PRNG key of the init noise (required), folded with
       the layer's index.

@@ -52,10 +52,43 @@ def _random_gates(key, m, q, dtype=jnp.float32):
                                         (6, 2, 'identity')])
 def test_decode_matches_naive_dense_contraction(q, m, nonlin):
   gates = _random_gates(jax.random.PRNGKey(q * 10 + m), m, q)
-  got = np.asarray(adtn_form.contract(gates, nonlin), np.float64)
   want = _naive_state(gates, nonlin)
-  np.testing.assert_allclose(got, want, rtol=1e-4,
-                             atol=1e-5 * np.abs(want).max())
+  # Gate by gate, the default blocks (a last block of fewer gates when
+  # BLOCK does not divide Q-1), and a whole layer as one block.
+  for block in (1, adtn_form.BLOCK, q - 1):
+    got = np.asarray(adtn_form.contract(gates, nonlin, block=block),
+                     np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max(),
+                               err_msg=f'block={block}')
+
+
+def test_block_operator_is_the_product_of_its_gates():
+  gates = _random_gates(jax.random.PRNGKey(3), 1, 5)[0].reshape(4, 4, 4)
+  want = np.eye(32)
+  for i, g in enumerate(np.asarray(gates, np.float64)):
+    want = np.kron(np.kron(np.eye(2 ** i), g), np.eye(2 ** (3 - i))) @ want
+  np.testing.assert_allclose(adtn_form.block_operator(gates), want,
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='block must be >= 1'):
+    adtn_form.contract(gates.reshape(1, 4, 2, 2, 2, 2), block=0)
+
+
+def test_blocked_decode_has_the_gate_by_gate_gradient():
+  # 18 qubits, as FC-2's 784 x 256 kernel: blocks of 3 gates and a last
+  # block of 2, checked in float64 against going gate by gate.
+  with jax.enable_x64(True):
+    gates = _random_gates(jax.random.PRNGKey(4), 3, 18, jnp.float64)
+    probe = jax.random.normal(jax.random.PRNGKey(5), (2 ** 18,), jnp.float64)
+
+    def grad(block):
+      return jax.grad(lambda g: jnp.sum(
+          adtn_form.contract(g, 'relu', block=block) * probe))(gates)
+
+    got, want = grad(adtn_form.BLOCK), grad(1)
+  assert got.dtype == jnp.float64
+  np.testing.assert_allclose(got, want, rtol=1e-10,
+                             atol=1e-12 * float(jnp.abs(want).max()))
 
 
 @pytest.mark.parametrize('channel_scale', [False, True])
@@ -304,7 +337,11 @@ def test_model_apply_equals_decoded_dense_and_collapse():
   timing = adtn_timing.decode_time(new, repeats=2)
   assert set(timing.macs) == {'conv2', 'fc2'} and timing.seconds > 0
   v = new['params']['fc2']                # 120 x 84 -> Q = 14, M = 2
-  assert timing.macs['fc2'] == (8 * (2 ** 13 - 1) + 13 * 4 * 2 ** 14
+  # Layer 0 on the growing prefix; layer 1's 13 gates in four blocks of 3
+  # (16 x 16 operators, each built from its gates) and one of 1 (4 x 4).
+  assert timing.macs['fc2'] == (8 * (2 ** 13 - 1)
+                                + 4 * (16 * 2 ** 14 + 4 * 3 * 16 ** 2)
+                                + (4 * 2 ** 14 + 4 * 1 * 4 ** 2)
                                 + 120 * 84)
 
 

@@ -31,13 +31,20 @@ kernel's norm is ``|scale|`` whatever the gates do.
 
 Gate ``G = gates[m, i]`` has shape ``(2, 2, 2, 2)`` indexed
 ``G[out_i, out_{i+1}, in_i, in_{i+1}]``; as a 4x4 matrix ``G.reshape(4, 4)``
-it maps the pair's input ``2*in_i + in_{i+1}`` to its output. Applying it is
-one small matrix product on the state reshaped to ``(2^i, 4, 2^(Q-2-i))`` — no
-layer is ever built as a ``2^Q x 2^Q`` operator. The first layer acts on the
-product state, where qubits ``i+1 .. Q-1`` are still ``|0>`` when gate ``i``
-runs, so it is contracted on the growing ``2^(i+1)`` prefix only (``O(2^Q)``);
-the other layers cost ``4 * 2^Q`` multiply-adds per gate, so decoding costs
-``O(M * Q * 2^Q)`` (see :func:`decode_macs`).
+it maps the pair's input ``2*in_i + in_{i+1}`` to its output. No layer is
+ever built as a ``2^Q x 2^Q`` operator. The first layer acts on the product
+state, where qubits ``i+1 .. Q-1`` are still ``|0>`` when gate ``i`` runs, so
+it is contracted on the growing ``2^(i+1)`` prefix only (``O(2^Q)``). The
+other layers go through the state in blocks of ``BLOCK`` consecutive gates:
+the gates ``i .. i+k-1`` of a block act on qubits ``i .. i+k`` only, so
+their product is a ``2^(k+1) x 2^(k+1)`` matrix (built from the gates, a few
+thousand multiply-adds), applied as one matrix product on the state reshaped
+to ``(2^i, 2^(k+1), 2^(Q-1-i-k))``. With ``k = 3`` that is 16 multiply-adds
+per entry where three gates take 12, but one pass over the ``2^Q`` state
+instead of three, which is what the time goes to: the gradient of an
+M=8 decode on 18 qubits took 2.4x less time than gate by gate
+(docs/benchmarks_adtn_decode.md). ``contract(..., block=1)`` goes gate by
+gate. Decoding costs ``O(M * Q * 2^Q)`` either way (see :func:`decode_macs`).
 
 Variables (the kernel shape and the nonlinearity must be readable from the
 variables alone, because ``to_kernel(v)`` receives nothing else; both ride in
@@ -95,6 +102,9 @@ NONLINEARITIES = {
     'identity': lambda x: x,
 }
 _NAMES = tuple(NONLINEARITIES)
+
+# Consecutive gates of a layer applied as one operator (see the module doc).
+BLOCK = 3
 
 
 # ---------------------------------------------------------------------------
@@ -172,9 +182,29 @@ def unit(x: jax.Array) -> jax.Array:
   return y * jax.lax.rsqrt(jnp.maximum(jnp.sum(y * y), 1))
 
 
-@functools.partial(jax.jit, static_argnames=('nonlin', 'normalize'))
+def block_operator(gates: jax.Array) -> jax.Array:
+  """The ``2^(k+1) x 2^(k+1)`` product of ``k`` consecutive staircase gates.
+
+  Args:
+    gates: ``(k, 4, 4)``, gate ``i`` acting on qubits ``(i, i+1)`` of the
+      block's ``k + 1`` qubits, applied in order.
+
+  Returns:
+    ``G_{k-1} ... G_1 G_0`` on the ``k + 1`` qubits (row: output index,
+    column: input index, qubit 0 the most significant bit).
+  """
+  k = gates.shape[0]
+  n = 2 ** (k + 1)
+  op = jnp.eye(n, dtype=gates.dtype)
+  for i in range(k):
+    cols = op.reshape(2 ** i, 4, 2 ** (k - 1 - i), n)
+    op = jnp.einsum('ij,ajbn->aibn', gates[i], cols).reshape(n, n)
+  return op
+
+
+@functools.partial(jax.jit, static_argnames=('nonlin', 'normalize', 'block'))
 def contract(gates: jax.Array, nonlin: str = 'relu', *,
-             normalize: bool = False) -> jax.Array:
+             normalize: bool = False, block: int = BLOCK) -> jax.Array:
   """The network's output state: a flat ``(2^Q,)`` vector.
 
   Args:
@@ -185,12 +215,16 @@ def contract(gates: jax.Array, nonlin: str = 'relu', *,
       normalized decode's), so a product of ``M (Q-1)`` gates that grow or
       shrink never over- or underflows; with 'relu' or 'identity' (positively
       homogeneous) the state's direction is the same as without.
+    block: gates per pass over the state in layers 1..M-1 (``BLOCK`` by
+      default; 1: gate by gate). The same state up to round-off.
 
   Returns:
     ``(2^Q,)`` in the gates' dtype (at least float32), qubit 0 the most
     significant bit of the index.
   """
   act = NONLINEARITIES[check_nonlinearity(nonlin)]
+  if block < 1:
+    raise ValueError(f'block must be >= 1, got {block}')
   m_layers, q = gates.shape[0], gates.shape[1] + 1
   dtype = jnp.promote_types(gates.dtype, jnp.float32)
   gates = gates.astype(dtype)
@@ -204,10 +238,16 @@ def contract(gates: jax.Array, nonlin: str = 'relu', *,
                        state.reshape(-1, 2)).reshape(-1)
   for m in range(1, m_layers):
     state = act(unit(state) if normalize else state)
-    for i in range(q - 1):
-      s = state.reshape(2 ** i, 4, 2 ** (q - 2 - i))
-      state = jnp.einsum('ij,ajb->aib', g[m, i], s).reshape(-1)
+    for i, k in _blocks(q - 1, block):
+      op = block_operator(g[m, i:i + k])
+      s = state.reshape(2 ** i, 2 ** (k + 1), 2 ** (q - 1 - i - k))
+      state = jnp.einsum('ij,ajb->aib', op, s).reshape(-1)
   return state
+
+
+def _blocks(gates: int, block: int) -> list[tuple[int, int]]:
+  """``(first gate, gates)`` of each block of a layer of ``gates`` gates."""
+  return [(i, min(block, gates - i)) for i in range(0, gates, block)]
 
 
 def decode(gates, scale, shape: Sequence[int], nonlin: str = 'relu', *,
@@ -220,7 +260,7 @@ def decode(gates, scale, shape: Sequence[int], nonlin: str = 'relu', *,
   ``scale`` (a scalar, or ``(C_out,)`` broadcast over the last axis).
   """
   n = math.prod(shape)
-  state = contract(gates, nonlin, normalize=normalize)[:n]
+  state = contract(gates, nonlin, normalize=normalize, block=BLOCK)[:n]
   if normalize:
     state = unit(state)
   kernel = state.reshape(tuple(shape))
@@ -249,20 +289,25 @@ def flops(v, spec, in_shape, out_shape):
 def decode_macs(v) -> int:
   """Multiply-adds of one decode (gates, first layer's prefix, scale).
 
-  Layer 0: ``sum_i 2^(i+1) * 4 = 8 (2^(Q-1) - 1)``; layers 1..M-1:
-  ``(Q-1) * 4 * 2^Q`` each; scale: ``N``; a normalized decode's norms:
-  ``2^(Q+1)`` per layer after the first (squares, then the division) and
-  ``N`` at the end (squares; the division folds into the scale).
+  Layer 0: ``sum_i 2^(i+1) * 4 = 8 (2^(Q-1) - 1)``; layers 1..M-1, per
+  block of ``k`` gates (``BLOCK`` at most): ``2^(k+1) * 2^Q`` to apply it
+  and ``4 k 4^(k+1)`` to build it (:func:`block_operator`); scale: ``N``; a
+  normalized decode's norms: ``2^(Q+1)`` per layer after the first
+  (squares, then the division) and ``N`` at the end (squares; the division
+  folds into the scale).
   """
   m, q = ranks(v)
   return decode_cost(m, q, math.prod(kernel_shape(v)),
                      normalize=normalized(v))
 
 
-def decode_cost(m: int, q: int, n: int, *, normalize: bool = False) -> int:
+def decode_cost(m: int, q: int, n: int, *, normalize: bool = False,
+                block: int = BLOCK) -> int:
   """Decode multiply-adds of M layers on Q qubits keeping N entries."""
   norms = (m - 1) * 2 ** (q + 1) + n if normalize else 0
-  return 8 * (2 ** (q - 1) - 1) + (m - 1) * (q - 1) * 4 * 2 ** q + n + norms
+  per_layer = sum(2 ** (k + 1) * 2 ** q + 4 * k * 4 ** (k + 1)
+                  for _, k in _blocks(q - 1, block))
+  return 8 * (2 ** (q - 1) - 1) + (m - 1) * per_layer + n + norms
 
 
 def from_kernel(kernel, ranks, **options):
