@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from configs import default as default_config
 from lowrank_jax import models
+from lowrank_jax.train import atomic
 from lowrank_jax.train import compress_config
 from lowrank_jax.train import config_check
 from lowrank_jax.train import jobs
@@ -63,9 +64,7 @@ def _write_config(config, workdir: str) -> None:
     with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
       f.write(json.dumps({'replaced_at': time.time(),
                           'config': json.loads(old or 'null')}) + '\n')
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
+  atomic.write_text(path, text)
 
 
 def main(argv):

@@ -115,6 +115,33 @@ def test_plots_are_drawn_again_only_when_their_data_changes(direct_run,
   assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
+def test_failed_report_writes_keep_the_old_files(direct_run, tmp_path,
+                                                monkeypatch):
+  """A plot that fails half-way through savefig (a full disk) leaves the
+  earlier PNGs and report.md as they were and no .tmp beside them."""
+  import matplotlib.figure  # pylint: disable=g-import-not-at-top
+  report = json.loads((direct_run[1] / 'report.json').read_text())
+  report_lib.write_report(str(tmp_path), report)
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  report['stages'][-1]['test']['accuracy'] -= 0.01   # redraw the plots
+
+  def full_disk(fig, fname, **kwargs):
+    del fig, kwargs
+    with open(fname, 'wb') as f:
+      f.write(b'\x89PNG cut')
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    report_lib.write_report(str(tmp_path), report)
+  after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  assert sorted(after) == sorted(before)          # no .tmp left
+  # report.json is written before the plots; the plots and report.md are
+  # as they were.
+  for name in after:
+    assert (after[name] == before[name]) == (name != 'report.json'), name
+
+
 def test_he2024_trains_factors_with_the_penalty(tmp_path):
   config = _config('he2024')
   summary = pipelines.run_he2024(config, str(tmp_path))

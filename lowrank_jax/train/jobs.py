@@ -32,6 +32,7 @@ from lowrank_jax import deploy
 from lowrank_jax import models as models_lib
 from lowrank_jax import nnx_surgery
 from lowrank_jax import transforms
+from lowrank_jax.train import atomic
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import compress_config
 from lowrank_jax.train import data as data_lib
@@ -202,10 +203,8 @@ class Job:
                                              split='validation')}
 
   def _write_index(self):
-    tmp = self.index_path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(self.index, f, indent=1, default=_json_default)
-    os.replace(tmp, self.index_path)
+    atomic.write_text(self.index_path, json.dumps(
+        self.index, indent=1, default=_json_default))
 
   def train(self, name, config, variables, **kwargs):
     # Through the module attribute, so a test can replace loop.train.

@@ -13,6 +13,8 @@ from typing import Mapping, Sequence
 
 import jax
 
+from lowrank_jax.train import atomic
+
 
 class _MetricsLog:
   """JSON lines (``workdir/metrics.jsonl``) plus TensorBoard, process 0 only.
@@ -52,11 +54,8 @@ class _MetricsLog:
         with open(os.path.join(workdir, 'metrics_dropped.jsonl'), 'a') as f:
           for d in dropped:
             f.write(json.dumps(d) + '\n')
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        for row in kept:
-          f.write(json.dumps(row) + '\n')
-      os.replace(tmp, self.path)
+      atomic.write_text(self.path,
+                        ''.join(json.dumps(row) + '\n' for row in kept))
     self.history = [r for r in kept if r.get('stage') == stage]
     self._file = open(self.path, 'a')
     from tensorboardX import SummaryWriter  # Lazy: optional at import.

@@ -18,22 +18,17 @@ from typing import Mapping
 
 import numpy as np
 
+from lowrank_jax.train import atomic
+
 
 def write_report(workdir: str, report: Mapping) -> None:
   """Writes report.json, report.md and the plots into ``workdir``."""
   os.makedirs(workdir, exist_ok=True)
-  _atomic_write(os.path.join(workdir, 'report.json'),
-                json.dumps(report, indent=1, default=_plain))
+  atomic.write_text(os.path.join(workdir, 'report.json'),
+                    json.dumps(report, indent=1, default=_plain))
   plots = write_plots(workdir, report)
-  _atomic_write(os.path.join(workdir, 'report.md'), to_markdown(report,
-                                                                plots))
-
-
-def _atomic_write(path, text):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  atomic.write_text(os.path.join(workdir, 'report.md'),
+                    to_markdown(report, plots))
 
 
 def _plain(x):
@@ -136,11 +131,13 @@ def write_plots(workdir: str, report: Mapping) -> dict[str, str]:
         data, sort_keys=True, default=_plain).encode()).hexdigest()
     if _png_digest(path) != digest:
       fig = plot(plt, data)
-      fig.tight_layout()
-      fig.savefig(path + '.tmp', dpi=110, format='png',
-                  metadata={_DIGEST_KEY: digest})
-      plt.close(fig)
-      os.replace(path + '.tmp', path)
+      try:
+        fig.tight_layout()
+        with atomic.replacing(path) as tmp:
+          fig.savefig(tmp, dpi=110, format='png',
+                      metadata={_DIGEST_KEY: digest})
+      finally:
+        plt.close(fig)
     written[title] = name
   return written
 
