@@ -302,8 +302,10 @@ def decode_macs(v) -> int:
 
 
 def decode_cost(m: int, q: int, n: int, *, normalize: bool = False,
-                block: int = BLOCK) -> int:
-  """Decode multiply-adds of M layers on Q qubits keeping N entries."""
+                block: int | None = None) -> int:
+  """Decode multiply-adds of M layers on Q qubits keeping N entries, in
+  blocks of ``block`` gates (default ``BLOCK``, as :func:`decode` runs)."""
+  block = BLOCK if block is None else block
   norms = (m - 1) * 2 ** (q + 1) + n if normalize else 0
   per_layer = sum(2 ** (k + 1) * 2 ** q + 4 * k * 4 ** (k + 1)
                   for _, k in _blocks(q - 1, block))
