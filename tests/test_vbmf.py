@@ -138,6 +138,10 @@ def planted(shape, rank, *, seed=0, noise=1.0, strength=(3.0, 8.0)):
 _jit_evbmf = jax.jit(vbmf.evbmf, static_argnames='method')
 _jit_vmap_evbmf = jax.jit(jax.vmap(vbmf.evbmf))
 _jit_evbmf_sigma2 = jax.jit(lambda y, s: vbmf.evbmf(y, sigma2=s))
+# evbmf and the singular values, one compiled program per shape (called
+# eagerly, its hundreds of small ops each compile: 30 s of a test).
+_jit_evbmf_matrix = jax.jit(lambda y, method: vbmf._evbmf_matrix(
+    y, None, method), static_argnames='method')
 
 REF_CASES = [  # (shape, planted rank)
     ((5, 7), 1), ((7, 5), 1), ((20, 20), 4), ((40, 100), 8), ((100, 40), 8),
@@ -176,7 +180,7 @@ def test_svd_method_matches_gram_and_reference(shape):
       res = _jit_evbmf(jnp.asarray(y), method=method)
       assert int(res.rank) == r_rank == 6
       np.testing.assert_allclose(res.sigma2, r_sigma2, rtol=2e-4)
-      _, gamma = vbmf._evbmf_matrix(jnp.asarray(y), None, method)
+      _, gamma = _jit_evbmf_matrix(jnp.asarray(y), method=method)
       np.testing.assert_allclose(gamma, r_s, rtol=1e-6, atol=1e-9 * r_s[0])
 
 
@@ -763,8 +767,7 @@ def test_bucketed_network_equals_unbucketed_evbmf(method):
                                min_rank=1)
   for i, shape in enumerate(BUCKET_SHAPES):
     y = params[f'd{i}']['kernel']
-    alone = _jit_evbmf(y, method=method)
-    _, gamma = vbmf._evbmf_matrix(y, None, method)
+    alone, gamma = _jit_evbmf_matrix(y, method=method)
     d = details[f'd{i}']
     assert d['vbmf'] == (int(alone.rank),), shape
     assert (min(shape) < 4) or d['vbmf'] == (5,), shape
