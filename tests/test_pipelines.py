@@ -17,6 +17,7 @@ from lowrank_jax import rank_rules
 from lowrank_jax import tree
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import compress_config
+from lowrank_jax.train import atomic
 from lowrank_jax.train import errors
 from lowrank_jax.train import loop
 from lowrank_jax.train import optim
@@ -140,6 +141,16 @@ def test_failed_report_writes_keep_the_old_files(direct_run, tmp_path,
   # as they were.
   for name in after:
     assert (after[name] == before[name]) == (name != 'report.json'), name
+
+
+def test_a_failed_rename_leaves_no_temporary_file(tmp_path):
+  """atomic.write_text onto a path a directory holds: the rename fails,
+  the directory is untouched and no .tmp is left."""
+  (tmp_path / 'report.md').mkdir()
+  with pytest.raises(IsADirectoryError):
+    atomic.write_text(str(tmp_path / 'report.md'), 'text')
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['report.md']
+  assert (tmp_path / 'report.md').is_dir()
 
 
 def test_he2024_trains_factors_with_the_penalty(tmp_path):

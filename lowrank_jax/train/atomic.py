@@ -10,20 +10,20 @@ import os
 def replacing(path: str):
   """A temporary path beside ``path``, renamed onto ``path`` after the block.
 
-  If the block raises, the temporary file is removed and ``path`` keeps
-  what it held: a failed write (a full disk, an object JSON cannot encode,
-  a plot that cannot be drawn) neither cuts ``path`` nor leaves
-  ``path + '.tmp'`` behind. A killed process may leave the ``.tmp``, never
-  a cut ``path``.
+  If the block or the rename raises, the temporary file is removed and
+  ``path`` keeps what it held: a failed write (a full disk, a plot that
+  cannot be saved, a directory in the way) neither cuts ``path`` nor
+  leaves ``path + '.tmp'`` behind. A killed process may leave the
+  ``.tmp``, never a cut ``path``.
   """
   tmp = f'{path}.tmp'
   try:
     yield tmp
+    os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
-  os.replace(tmp, path)
 
 
 def write_text(path: str, text: str) -> None:
