@@ -77,8 +77,8 @@ def decode_rows(rounds):
       grad = {b: jax.jit(jax.grad(lambda g, b=b: jnp.sum(
           adtn_form.contract(g, block=b) * probe))) for b in BLOCKS}
       for what, fns in (('forward', fwd), ('gradient', grad)):
-        ref = fns[1](gates)
-        diff = max(_rel_diff(fns[b](gates), ref) for b in BLOCKS)
+        outs = {b: fn(gates) for b, fn in fns.items()}
+        diff = max(_rel_diff(out, outs[1]) for out in outs.values())
         rows.append((name, q, m, what, _median_ms(fns, (gates,), rounds),
                      diff))
         print(rows[-1], flush=True)
@@ -110,16 +110,15 @@ def train_step_row(rounds, depth=8):
                           key=jax.random.PRNGKey(0))
   tx = optax.adam(1e-3)
   opt_state = tx.init(params)
-  steps, default = {}, adtn_form.BLOCK
+  steps, losses, default = {}, [], adtn_form.BLOCK
   try:
     for block, label in ((1, 'gate by gate'),
                          (default, f'blocks of {default}')):
-      adtn_form.BLOCK = block  # read when the step is traced
+      adtn_form.BLOCK = block  # read when the step is traced: its 1st call
       steps[label] = _train_step(model, tx)
-      jax.block_until_ready(steps[label](params, opt_state, x, y))
+      losses.append(float(steps[label](params, opt_state, x, y)[2]))
   finally:
     adtn_form.BLOCK = default
-  losses = [float(fn(params, opt_state, x, y)[2]) for fn in steps.values()]
   return (_median_ms(steps, (params, opt_state, x, y), rounds),
           abs(losses[0] - losses[1]))
 
