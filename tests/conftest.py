@@ -3,7 +3,9 @@
 The session compiles through JAX's persistent compilation cache in a fresh
 temporary directory (the tests' own ``train.py`` processes too, through the
 environment): the many pipeline runs compile the same programs, and each is
-compiled once per session. Tests about compilation itself take
+compiled once per session. Under pytest-xdist (the README's test command)
+each worker imports this file and compiles into a directory of its own (JAX
+writes cache entries without a lock). Tests about compilation itself take
 :func:`no_compilation_cache`.
 """
 

@@ -24,3 +24,12 @@ def test_readme_snippet_runs(index, tmp_path):
                        env={**os.environ, 'PYTHONPATH': ROOT})
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip(), 'every README snippet prints what it shows'
+
+
+def test_ci_runs_the_readme_test_command():
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    commands = re.findall(r'```bash\n(.*?)```', f.read(), flags=re.S)
+  with open(os.path.join(ROOT, '.ci', 'run')) as f:
+    ci = f.read().strip().splitlines()[-1]
+  assert 'pytest' in commands[1], 'the second command runs the tests'
+  assert ci == commands[1].strip(), '.ci/run and the README differ'
