@@ -29,6 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 STEPS = ('LAPACK set-up (SciPy import)', 'spectra: trace', 'spectra: lower',
          'spectra: compile', 'spectra: run', 'solve: trace + lower',
          'solve: compile', 'solve: run')
+WARM = ('spectra program', 'solve program',
+        'spectra part: Gram products (XLA, the spectra\'s options)',
+        'spectra part: eigenvalues (LAPACK ?syevd mode N, 1 BLAS thread)',
+        'NumPy floor: Gram products (`m @ m.T`, BLAS ?syrk)',
+        'NumPy floor: `eigvalsh`')
 
 
 def child(net):
@@ -67,7 +72,54 @@ def child(net):
   t = time.perf_counter()
   bench_vbmf.reference_ranks(reference, params)
   steps = [b - a for a, b in zip(marks, marks[1:])]
-  print(json.dumps({'steps': steps, 'reference': time.perf_counter() - t}))
+  loop = time.perf_counter() - t
+  warm = warm_parts(params, lambda: compiled(sources), lambda: solve(out))
+  print(json.dumps({'steps': steps, 'reference': loop, 'warm': warm}))
+
+
+def _median_s(fn, repeats=5):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def warm_parts(params, spectra_run, solve_run):
+  """Warm seconds of the two programs, of the spectra's two library
+  parts compiled alone (every Gram product at the spectra's options; the
+  LAPACK eigenvalue call on the unpadded Gram matrices), and of the NumPy
+  floor's two parts (bench_vbmf.floor_loop), in WARM's order."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import bench_vbmf  # pylint: disable=g-import-not-at-top
+  from lowrank_jax import lapack_threads, tree  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.vbmf import linalg, spectra  # pylint: disable=g-import-not-at-top
+  kernels, modes = [], []
+  for layer in tree.layers(params).values():
+    k = layer['kernel']
+    for mode in (('in', 'out') if k.ndim == 4 and k.shape[0] * k.shape[1] > 1
+                 else ('out',)):
+      kernels.append(k)
+      modes.append(mode)
+  def all_grams(ks):
+    return [spectra._mode_gram(k, m) for k, m in zip(ks, modes)]  # pylint: disable=protected-access
+  options = spectra._SPECTRA_CPU_OPTIONS  # pylint: disable=protected-access
+  grams = jax.jit(all_grams).lower(kernels).compile(options)
+  eig = jax.jit(lambda gs: [linalg._gram_eigenvalues(g) for g in gs])  # pylint: disable=protected-access
+  gs = grams(kernels)
+  mats = [m if m.shape[0] <= m.shape[1] else m.T
+          for layer in tree.layers(params).values()
+          for m in bench_vbmf.unfoldings(np.asarray(layer['kernel']))]
+  np_grams = [m @ m.T for m in mats]
+  with lapack_threads.limited():
+    out = [_median_s(spectra_run), _median_s(solve_run),
+           _median_s(lambda: grams(kernels)), _median_s(lambda: eig(gs))]
+  return out + [_median_s(lambda: [m @ m.T for m in mats]),
+                _median_s(lambda: [np.linalg.eigvalsh(g) for g in np_grams])]
 
 
 def main(argv=None):
@@ -119,7 +171,30 @@ def report(runs, args, argv):
             for name, t in zip(STEPS, med)]
   lines += [f'| sum | {total:.3f} | 100% | {total / loop:.2f}x |',
             f'| reference loop (same processes) | {loop:.3f} | | 1.00x |']
-  return lines
+  return lines + warm_report(runs)
+
+
+def warm_report(runs):
+  """The warm call's table: its programs, their parts, the NumPy floor."""
+  med = [statistics.median(r['warm'][i] for r in runs)
+         for i in range(len(WARM))]
+  call, floor = med[0] + med[1], med[4] + med[5]
+  rest = med[0] - med[2] - med[3]
+  return ['', '## The warm call, by part', '',
+          'The same processes, after the first call: medians of 5 runs '
+          'each, then over the processes. The parts are compiled alone on '
+          'the same matrices (every mode\'s Gram matrix, unpadded for the '
+          'eigenvalues); the floor is bench/bench_vbmf.py\'s (NumPy float32, '
+          'BLAS at its default threads). Host BLAS at 1 thread for the '
+          'library\'s rows, as `vbmf_ranks` holds it.', '',
+          '| what | s | vs the NumPy floor |', '|---|---:|---:|']  + [
+              f'| {name} | {t:.3f} | {t / floor:.2f}x |'
+              for name, t in zip(WARM, med)] + [
+                  f'| the two programs | {call:.3f} | {call / floor:.2f}x |',
+                  f'| NumPy floor, both parts | {floor:.3f} | 1.00x |',
+                  '', f'The spectra program spends {rest:.3f} s outside its '
+                  'two parts compiled alone (stacking, scaling, zero-padding '
+                  'to the size buckets, the per-bucket loop).']
 
 
 if __name__ == '__main__':
