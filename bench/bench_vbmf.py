@@ -167,14 +167,20 @@ def timed(fn, repeats):
   return statistics.median(times), times
 
 
+def floor_matrices(params) -> list[np.ndarray]:
+  """Every layer's unfoldings (:func:`unfoldings`), each L x M with L <= M:
+  the matrices whose ``Y Y^T`` the floor forms."""
+  return [m if m.shape[0] <= m.shape[1] else m.T
+          for layer in tree.layers(params).values()
+          for m in unfoldings(np.asarray(layer['kernel']))]
+
+
 def floor_loop(params):
   """The Gram route's own cost outside XLA: NumPy float32 ``Y Y^T`` (BLAS,
   all cores) + ``np.linalg.eigvalsh`` (LAPACK ``?syevd``, eigenvalues only)
   of every matrix, looped; no EVBMF search. A floor for any method that
   needs the whole spectrum of every matrix in float32."""
-  mats = [m if m.shape[0] <= m.shape[1] else m.T
-          for layer in tree.layers(params).values()
-          for m in unfoldings(np.asarray(layer['kernel']))]
+  mats = floor_matrices(params)
 
   def run():
     for m in mats:

@@ -77,49 +77,41 @@ def child(net):
   print(json.dumps({'steps': steps, 'reference': loop, 'warm': warm}))
 
 
-def _median_s(fn, repeats=5):
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-def warm_parts(params, spectra_run, solve_run):
-  """Warm seconds of the two programs, of the spectra's two library
-  parts compiled alone (every Gram product at the spectra's options; the
-  LAPACK eigenvalue call on the unpadded Gram matrices), and of the NumPy
-  floor's two parts (bench_vbmf.floor_loop), in WARM's order."""
+def warm_parts(params, spectra_run, solve_run, repeats=5):
+  """Warm seconds (medians of ``repeats``) of the two programs, of the
+  spectra's two library parts compiled alone (every Gram product at the
+  spectra's options; the LAPACK eigenvalue call on the unpadded Gram
+  matrices), and of the NumPy floor's two parts
+  (:func:`bench_vbmf.floor_loop`), in WARM's order."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import bench_vbmf  # pylint: disable=g-import-not-at-top
   from lowrank_jax import lapack_threads, tree  # pylint: disable=g-import-not-at-top
   from lowrank_jax.vbmf import linalg, spectra  # pylint: disable=g-import-not-at-top
-  kernels, modes = [], []
+  kernels, modes = [], []  # one entry per unfolding of bench_vbmf.unfoldings
   for layer in tree.layers(params).values():
     k = layer['kernel']
-    for mode in (('in', 'out') if k.ndim == 4 and k.shape[0] * k.shape[1] > 1
-                 else ('out',)):
-      kernels.append(k)
-      modes.append(mode)
+    n = len(bench_vbmf.unfoldings(np.asarray(k)))
+    kernels += [k] * n
+    modes += ['in', 'out'][-n:]
   def all_grams(ks):
     return [spectra._mode_gram(k, m) for k, m in zip(ks, modes)]  # pylint: disable=protected-access
   options = spectra._SPECTRA_CPU_OPTIONS  # pylint: disable=protected-access
   grams = jax.jit(all_grams).lower(kernels).compile(options)
   eig = jax.jit(lambda gs: [linalg._gram_eigenvalues(g) for g in gs])  # pylint: disable=protected-access
   gs = grams(kernels)
-  mats = [m if m.shape[0] <= m.shape[1] else m.T
-          for layer in tree.layers(params).values()
-          for m in bench_vbmf.unfoldings(np.asarray(layer['kernel']))]
+  mats = bench_vbmf.floor_matrices(params)
   np_grams = [m @ m.T for m in mats]
+
+  def median(fn):
+    run = lambda: jax.block_until_ready(fn())  # noqa: E731
+    run()  # warm-up
+    return bench_vbmf.timed(run, repeats)[0]
   with lapack_threads.limited():
-    out = [_median_s(spectra_run), _median_s(solve_run),
-           _median_s(lambda: grams(kernels)), _median_s(lambda: eig(gs))]
-  return out + [_median_s(lambda: [m @ m.T for m in mats]),
-                _median_s(lambda: [np.linalg.eigvalsh(g) for g in np_grams])]
+    out = [median(spectra_run), median(solve_run),
+           median(lambda: grams(kernels)), median(lambda: eig(gs))]
+  return out + [median(lambda: [m @ m.T for m in mats]),
+                median(lambda: [np.linalg.eigvalsh(g) for g in np_grams])]
 
 
 def main(argv=None):
