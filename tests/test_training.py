@@ -418,3 +418,44 @@ def test_zero_size_leaves_survive_checkpoints(dataset, tmp_path):
   back = checkpoint.load_variables(str(tmp_path / 'v'))
   assert back['params']['layer']['shape'].shape == (0, 5, 7)
   np.testing.assert_array_equal(back['params']['layer']['w'], np.ones((3, 2)))
+
+
+def test_hugepages_environ_adds_the_tunable_only_where_it_helps():
+  import train as cli  # the top-level train.py
+  assert cli.hugepages_environ({'A': '1'}, 'glibc 2.36', 'madvise') == {
+      'A': '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  other = {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
+  assert cli.hugepages_environ(other, 'glibc 2.35', 'madvise')[
+      'GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  for environ, libc, thp in (
+      ({}, 'glibc 2.34', 'madvise'),    # no hugetlb tunable before 2.35
+      ({}, None, 'madvise'), ({}, 'musl 1.2.4', 'madvise'),
+      ({}, 'glibc 2.36', 'always'),     # huge pages without advice
+      ({}, 'glibc 2.36', 'never'), ({}, 'glibc 2.36', None),
+      ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'glibc 2.36', 'madvise'),
+      ({cli.HUGEPAGES_OFF: '0'}, 'glibc 2.36', 'madvise')):
+    assert cli.hugepages_environ(environ, libc, thp) is None, (environ, libc,
+                                                               thp)
+
+
+@pytest.mark.parametrize('off', [False, True])
+def test_train_py_restarts_itself_once_with_huge_pages(tmp_path, off):
+  import train as cli  # the top-level train.py
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', cli.HUGEPAGES_OFF)}
+  if off:
+    env[cli.HUGEPAGES_OFF] = '0'
+  out = subprocess.run(
+      [sys.executable, os.path.join(root, 'train.py'), '--config',
+       os.path.join(root, 'configs', 'smoke.py'), '--config.model=foo',
+       '--workdir', str(tmp_path / 'run')], capture_output=True, text=True,
+      timeout=300, env={**env, 'PYTHONPATH': root})
+  # The restarted process runs the command (here: refuses the model).
+  assert out.returncode != 0
+  assert "config.model='foo' is not one of" in out.stderr, out.stderr[-2000:]
+  wanted = cli.restart_environ(env) is not None
+  # Once: the restarted process has the tunable and goes on.
+  assert out.stderr.count('restarting with GLIBC_TUNABLES=') == int(wanted)
+  if wanted:
+    assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1 ' in out.stderr
