@@ -55,7 +55,7 @@ def hugepages_environ(environ: Mapping[str, str], libc: Optional[str],
   """
   tunables = environ.get('GLIBC_TUNABLES', '')
   if (environ.get(HUGEPAGES_OFF) == '0' or thp_mode != 'madvise'
-      or 'glibc.malloc.hugetlb' in tunables):
+      or HUGEPAGES_TUNABLE.split('=')[0] in tunables):
     return None
   name, _, version = (libc or '').partition(' ')
   parts = version.split('.')
@@ -67,7 +67,7 @@ def hugepages_environ(environ: Mapping[str, str], libc: Optional[str],
       t for t in (tunables, HUGEPAGES_TUNABLE) if t)}
 
 
-def _thp_mode() -> Optional[str]:
+def thp_mode() -> Optional[str]:
   """The bracketed word of ``always [madvise] never``, or None."""
   try:
     with open(_THP_MODE) as f:
@@ -78,13 +78,18 @@ def _thp_mode() -> Optional[str]:
   return text[start + 1:end] if 0 <= start < end else None
 
 
+def libc_version() -> Optional[str]:
+  """``'glibc 2.36'`` and the like, or None where the C library is not
+  glibc (musl, macOS)."""
+  try:
+    return os.confstr('CS_GNU_LIBC_VERSION')
+  except (AttributeError, ValueError, OSError):
+    return None
+
+
 def restart_environ(environ: Mapping[str, str]) -> Optional[dict]:
   """:func:`hugepages_environ` on this machine's C library and THP mode."""
-  try:
-    libc = os.confstr('CS_GNU_LIBC_VERSION')
-  except (AttributeError, ValueError, OSError):
-    libc = None
-  return hugepages_environ(environ, libc, _thp_mode())
+  return hugepages_environ(environ, libc_version(), thp_mode())
 
 
 def _restart_with_hugepages() -> None:

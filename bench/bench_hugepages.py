@@ -32,9 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hostinfo  # noqa: E402
 import train  # noqa: E402  (the top-level train.py: its restart rule)
+from write_benchmark_model_md import read_metrics  # noqa: E402
 from lowrank_jax.train import atomic  # noqa: E402
 
-STAGES = ('orthogonal_train', 'finetune')
+# The stages whose training rows give the images/s columns.
+STAGES = {'orthogonal_train': 'orthogonal', 'finetune': 'fine-tuning'}
 
 
 def command(workdir: str, subset: int) -> list[str]:
@@ -60,35 +62,25 @@ def run(mode: str, subset: int) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
       raise RuntimeError(f'{mode} run failed:\n{err[-3000:]}')
-    rows = [json.loads(l) for l in open(os.path.join(workdir,
-                                                     'metrics.jsonl'))]
+    rates = {stage: statistics.median(
+        [r['images_per_s'] for r in read_metrics(workdir, stage)
+         if r.get('images_per_s')][1:] or [0.0]) for stage in STAGES}
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
-  rates = {s: statistics.median([r['images_per_s'] for r in rows
-                                 if r.get('stage') == s
-                                 and r.get('images_per_s')][1:] or [0.0])
-           for s in STAGES}
   return {'mode': mode, 'restarted': 'restarting with' in err,
           'wall_s': wall, 'user_s': usage.ru_utime, 'sys_s': usage.ru_stime,
-          'faults': usage.ru_minflt, 'images_per_s': rates}
+          'faults': usage.ru_minflt, **rates}
 
 
 def environment_line() -> str:
-  try:
-    libc = os.confstr('CS_GNU_LIBC_VERSION')
-  except (AttributeError, ValueError, OSError):
-    libc = None
-  thp = train._thp_mode()  # pylint: disable=protected-access
   wanted = train.restart_environ({}) is not None
-  return (f'C library: {libc or "not glibc"}; transparent huge pages: '
-          f'{thp or "not available"}; train.py restarts with the tunable: '
-          f'{"yes" if wanted else "no"}.')
+  return (f'C library: {train.libc_version() or "not glibc"}; transparent '
+          f'huge pages: {train.thp_mode() or "not available"}; train.py '
+          f'restarts with the tunable: {"yes" if wanted else "no"}.')
 
 
 def _median(results, mode, key):
-  values = [r[key] if isinstance(key, str) else r[key[0]][key[1]]
-            for r in results if r['mode'] == mode]
-  return statistics.median(values)
+  return statistics.median(r[key] for r in results if r['mode'] == mode)
 
 
 def report(results, args, seconds) -> str:
@@ -107,13 +99,11 @@ def report(results, args, seconds) -> str:
     lines.append(
         f'| {i + 1} | {"on" if r["restarted"] else "off"} | '
         f'{r["wall_s"]:.1f} | {r["user_s"]:.1f} | {r["sys_s"]:.1f} | '
-        f'{r["faults"]:,} | {r["images_per_s"]["orthogonal_train"]:.0f} | '
-        f'{r["images_per_s"]["finetune"]:.0f} |')
+        f'{r["faults"]:,} | {r["orthogonal_train"]:.0f} | '
+        f'{r["finetune"]:.0f} |')
   cells = []
   for key, name in (('wall_s', 'wall time'), ('sys_s', 'system CPU time'),
-                    (('images_per_s', 'orthogonal_train'),
-                     'orthogonal images/s'),
-                    (('images_per_s', 'finetune'), 'fine-tuning images/s')):
+                    *((s, f'{n} images/s') for s, n in STAGES.items())):
     off, on = _median(results, 'off', key), _median(results, 'on', key)
     ratio = f'{on / off:.2f}x' if off else 'no rows'
     cells.append(f'{name} {off:.1f} -> {on:.1f} ({ratio})')
