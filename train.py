@@ -52,7 +52,13 @@ def hugepages_environ(environ: Mapping[str, str], libc: Optional[str],
     glibc >= 2.35, a mode other than ``madvise`` (``always`` needs no
     advice, ``never`` takes none), the tunable already set, or
     ``LOWRANK_JAX_HUGEPAGES=0``.
+
+  Raises:
+    ValueError: ``LOWRANK_JAX_HUGEPAGES`` set to anything but 0, 1 or ''.
   """
+  if environ.get(HUGEPAGES_OFF, '') not in ('', '0', '1'):
+    raise ValueError(f'{HUGEPAGES_OFF}={environ[HUGEPAGES_OFF]!r}: must be '
+                     '0 (no huge pages) or 1 (the default)')
   tunables = environ.get('GLIBC_TUNABLES', '')
   if (environ.get(HUGEPAGES_OFF) == '0' or thp_mode != 'madvise'
       or HUGEPAGES_TUNABLE.split('=')[0] in tunables):
@@ -94,7 +100,10 @@ def restart_environ(environ: Mapping[str, str]) -> Optional[dict]:
 
 def _restart_with_hugepages() -> None:
   """Replaces this process by itself with the tunable set, where it helps."""
-  env = restart_environ(os.environ)
+  try:
+    env = restart_environ(os.environ)
+  except ValueError as e:
+    sys.exit(f'train.py: {e}')
   if env is not None:
     print(f'train.py: restarting with GLIBC_TUNABLES={env["GLIBC_TUNABLES"]}'
           f' (huge pages for XLA:CPU buffers; {HUGEPAGES_OFF}=0 runs '

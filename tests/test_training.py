@@ -436,6 +436,10 @@ def test_hugepages_environ_adds_the_tunable_only_where_it_helps():
       ({cli.HUGEPAGES_OFF: '0'}, 'glibc 2.36', 'madvise')):
     assert cli.hugepages_environ(environ, libc, thp) is None, (environ, libc,
                                                                thp)
+  for value in ('off', 'false', '2'):
+    with pytest.raises(ValueError, match=f"LOWRANK_JAX_HUGEPAGES='{value}'"):
+      cli.hugepages_environ({cli.HUGEPAGES_OFF: value}, 'glibc 2.36',
+                            'madvise')
 
 
 @pytest.mark.parametrize('off', [False, True])
