@@ -11,11 +11,14 @@ plus Gaussian noise, seeded):
 Timed per network:
   * the first ``vbmf_ranks`` call in a *fresh process* (trace + compile +
     run), without a compilation cache, and with ``compilation_cache=DIR``
-    after another process filled DIR; each child process also times the
-    reference loop once, right after, so each ratio comes from one process,
-    and a row is the median over ``--fresh`` processes (default 3);
-  * in this process, interleaved: warm ``vbmf_ranks`` calls (median), the
-    reference loop and the floor;
+    after another process filled DIR, and with the spectra by the compiled
+    program (``use_host_spectra(False)``); each child process also times
+    the reference loop once, right after, so each ratio comes from one
+    process, and a row is the median over ``--fresh`` processes (default 3);
+  * in this process, interleaved: warm ``vbmf_ranks`` calls (median; also
+    with the host BLAS at its own threads, and with the compiled spectra
+    program, its eigenvalues by LAPACK and by the SVD), the reference loop
+    and the floor;
   * the reference: ``reference_evbmf`` of tests/test_vbmf.py (a float64 port
     of Nakajima's EVBMF.m: SVD + bounded scalar search) in a Python loop;
   * the floor: NumPy float32 Gram + ``eigvalsh`` of every matrix, no search.
@@ -46,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import hostinfo  # pylint: disable=g-import-not-at-top
+import lowrank_jax as lj  # pylint: disable=g-import-not-at-top
 from lowrank_jax import tree  # pylint: disable=g-import-not-at-top
 from lowrank_jax import vbmf  # pylint: disable=g-import-not-at-top
 
@@ -222,12 +226,13 @@ def _load_params(path):
   return params
 
 
-def child(npz, cache, svd=False):
-  """One fresh process: the first vbmf_ranks call (eigenvalues by the SVD
-  with ``svd``), then the reference loop once; prints JSON."""
+def child(npz, cache, program=False):
+  """One fresh process: the first vbmf_ranks call (spectra by the compiled
+  program with ``program``, else the CPU default, on the host), then the
+  reference loop once; prints JSON."""
   params = _load_params(npz)
-  if svd:
-    vbmf.use_lapack_eigenvalues(False)
+  if program:
+    vbmf.use_host_spectra(False)
   t = time.perf_counter()
   ranks = vbmf.vbmf_ranks(params, compilation_cache=cache or None)
   first = time.perf_counter() - t
@@ -239,10 +244,10 @@ def child(npz, cache, svd=False):
                     'ranks': {p: list(r) for p, r in ranks.items()}}))
 
 
-def fresh_process(npz, cache='', svd=False):
+def fresh_process(npz, cache='', program=False):
   out = subprocess.run(
       [sys.executable, os.path.abspath(__file__), '--child', npz,
-       '--cache', cache] + (['--svd'] if svd else []),
+       '--cache', cache] + (['--program'] if program else []),
       capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -275,11 +280,11 @@ def bench_network(net, args, workdir):
   npz = os.path.join(workdir, f'{net}.npz')
   np.savez(npz, **{p: np.asarray(v['kernel']) for p, v in layers.items()})
   cache = os.path.join(workdir, f'{net}_cache')
-  # The default and the SVD eigenvalues alternate, process by process.
-  pairs = [(fresh_process(npz), fresh_process(npz, svd=True))
+  # The default and the compiled spectra alternate, process by process.
+  pairs = [(fresh_process(npz), fresh_process(npz, program=True))
            for _ in range(args.fresh)]
   cold = summary([a for a, _ in pairs])
-  cold_svd = summary([b for _, b in pairs])
+  cold_program = summary([b for _, b in pairs])
   print(f'{net}: fresh processes, no cache: first call {cold["first"]:.2f} '
         f's, reference loop {cold["reference"]:.2f} s, ratios '
         f'{[round(x, 2) for x in cold["ratios"]]}', flush=True)
@@ -296,35 +301,47 @@ def bench_network(net, args, workdir):
   agree = sum(int(a == b) for p in ref_ranks
               for a, b in zip(details[p]['vbmf'], ref_ranks[p]))
   same_children = all(c['same_ranks'] and c['ranks'] == cold['ranks']
-                      for c in (cold, cold_svd, fill, warm_cache))
+                      for c in (cold, cold_program, fill, warm_cache))
   lapack = vbmf.use_lapack_eigenvalues(True)  # the default
 
-  def warm_svd():
-    vbmf.use_lapack_eigenvalues(False)
+  def warm_program(lapack_eigenvalues=True):
+    vbmf.use_host_spectra(False)
+    vbmf.use_lapack_eigenvalues(lapack_eigenvalues)
     try:
       return vbmf.vbmf_ranks(params)
     finally:
       vbmf.use_lapack_eigenvalues(True)
+      vbmf.use_host_spectra(True)
 
-  same_svd = warm_svd() == vbmf.vbmf_ranks(params)
+  def warm_own_threads():
+    lj.set_lapack_threads(None)
+    try:
+      return vbmf.vbmf_ranks(params)
+    finally:
+      lj.set_lapack_threads(1)  # the default, which the other rows time
+
+  same_program = (warm_program() == warm_program(False) ==
+                  vbmf.vbmf_ranks(params))
   med = interleaved({
       'warm': lambda: vbmf.vbmf_ranks(params),
-      'warm_svd': warm_svd,
+      'warm_own_threads': warm_own_threads,
+      'warm_program': warm_program,
+      'warm_svd': lambda: warm_program(False),
       'reference': lambda: reference_ranks(reference, params),
       'floor': floor_loop(params),
   }, args.repeats)
   print(f'{net}: interleaved medians {med}', flush=True)
   return dict(net=net, layers=len(layers), matrices=n_mats, cold=cold,
-              cold_svd=cold_svd,
+              cold_program=cold_program,
               fill=fill, warm_cache=warm_cache, agree=agree,
-              same_children=same_children, lapack=lapack, same_svd=same_svd,
-              **med)
+              same_children=same_children, lapack=lapack,
+              same_program=same_program, **med)
 
 
 def _pooled(r):
   """The median reference loop over every fresh process of a network."""
   return statistics.median(
-      t for k in ('cold', 'cold_svd', 'fill', 'warm_cache')
+      t for k in ('cold', 'cold_program', 'fill', 'warm_cache')
       for t in r[k]['references'])
 
 
@@ -371,9 +388,10 @@ def report(rows, args, argv, pad):
     lines += [
         f'| {n} | first call, fresh process, no cache | {cold["first"]:.2f} '
         f'| {_ratio_text(cold, pooled)} |',
-        f'| {n} | first call, fresh process, no cache, eigenvalues by the '
-        f'SVD | {r["cold_svd"]["first"]:.2f} | '
-        f'{_ratio_text(r["cold_svd"], pooled)} |',
+        f'| {n} | first call, fresh process, no cache, spectra by the '
+        'compiled program (`use_host_spectra(False)`) | '
+        f'{r["cold_program"]["first"]:.2f} | '
+        f'{_ratio_text(r["cold_program"], pooled)} |',
         f'| {n} | first call, fresh process, `compilation_cache=DIR` filled '
         f'by an earlier process | {cached["first"]:.2f} | '
         f'{_ratio_text(cached, pooled)} |',
@@ -384,7 +402,14 @@ def report(rows, args, argv, pad):
         '1.00x (first calls) |',
         f'| {n} | warm call, median of {args.repeats} | {r["warm"]:.3f} | '
         f'{r["warm"] / r["reference"]:.2f}x |',
-        f'| {n} | warm call, eigenvalues by the SVD '
+        f'| {n} | warm call, host BLAS at its own threads '
+        f'(`set_lapack_threads(None)`), median of {args.repeats} | '
+        f'{r["warm_own_threads"]:.3f} | '
+        f'{r["warm_own_threads"] / r["reference"]:.2f}x |',
+        f'| {n} | warm call, spectra by the compiled program, median of '
+        f'{args.repeats} | {r["warm_program"]:.3f} | '
+        f'{r["warm_program"] / r["reference"]:.2f}x |',
+        f'| {n} | warm call, compiled program, eigenvalues by the SVD '
         f'(`use_lapack_eigenvalues(False)`), median of {args.repeats} | '
         f'{r["warm_svd"]:.3f} | {r["warm_svd"] / r["reference"]:.2f}x |',
         f'| {n} | floor: NumPy float32 Gram + `eigvalsh`, no search, median '
@@ -413,31 +438,38 @@ def report(rows, args, argv, pad):
         f'without a cache, **{"met" if first_ok else "not met"}** with '
         f'`compilation_cache`; goal warm <= floor: '
         f'**{"met" if warm_ok else "not met"}** '
-        f'({r["warm"] / r["floor"]:.2f}x the floor). LAPACK eigenvalue '
+        f'({r["warm"] / r["floor"]:.2f}x the floor; '
+        f'{r["warm_own_threads"] / r["floor"]:.2f}x with the host BLAS at '
+        'its own threads). The compiled program\'s LAPACK eigenvalue '
         f'path {"in use" if r["lapack"] else "NOT in use (self-check)"}; '
-        'with the SVD instead: '
+        'the compiled program with it and with the SVD: '
+        f'{r["warm_program"] / r["warm"]:.2f}x and '
         f'{r["warm_svd"] / r["warm"]:.2f}x the warm time, '
-        f'{"the same" if r["same_svd"] else "DIFFERENT"} ranks.')
+        f'{"the same" if r["same_program"] else "DIFFERENT"} ranks.')
     lines.append('')
   lines += [
-      'How: each Gram matrix is formed from its kernel (no copies of the '
-      'unfoldings) and scaled by the power of two of its largest diagonal '
-      'entry (matrices at extreme scales are redone prescaled); the '
-      'eigenproblems run per size bucket (Gram matrices zero-padded to 16, '
-      '24, 32, 48, 64, ...; ResNet-50: 6 buckets instead of 15 shape '
-      'groups) and compute eigenvalues only '
-      "(LAPACK ?syevd mode 'N' through jaxlib's own target after a "
+      'How: on CPU the spectra (each matrix\'s squared singular values) '
+      'are computed on the host by default: each Gram matrix by BLAS ?syrk '
+      'from its kernel (SciPy\'s BLAS, the one jaxlib\'s LAPACK uses), '
+      'scaled by the power of two of its largest diagonal entry, its '
+      "eigenvalues by LAPACK ?syevd mode 'N' (SciPy), so only the EVBMF "
+      'solve is compiled (one vmapped jnp program of every matrix, in a '
+      'second thread while the spectra run). The compiled spectra '
+      'program (other backends, `use_host_spectra(False)`, layers that '
+      'must be collapsed to a kernel first, and the redos: matrices at '
+      "extreme scales prescaled, and those 'auto' gives to the SVD) forms "
+      'the same Gram matrices in XLA, runs the eigenproblems per size '
+      'bucket (Gram matrices zero-padded to 16, 24, 32, 48, 64, ...; '
+      'ResNet-50: 6 buckets instead of 15 shape groups) with eigenvalues '
+      "only (LAPACK ?syevd mode 'N' through jaxlib's own target after a "
       "self-check; `lj.vbmf.use_lapack_eigenvalues(False)` falls back to "
-      "the singular values, ?gesdd jobz='N'); 'auto' compiles the SVD only "
-      'when a matrix needs it; the spectra program is compiled at XLA '
-      'optimization level 0 on CPU and the EVBMF solve, a second program '
-      'with the default options, compiles in a second thread from the '
-      'spectra\'s output shapes; `compilation_cache=DIR` (opt-in, JAX\'s '
-      'persistent compilation cache for that call only) skips the '
+      "the singular values, ?gesdd jobz='N') and is compiled at XLA "
+      'optimization level 0 on CPU. `compilation_cache=DIR` (opt-in, '
+      'JAX\'s persistent compilation cache for that call only) skips the '
       'compilation in later processes, leaving tracing and lowering. The '
-      'floor row bounds the warm call from below for XLA: NumPy forms '
-      '`m @ m.T` with BLAS ?syrk (half the flops of the general product '
-      'XLA\'s dot runs).',
+      'floor row is NumPy\'s own: `m @ m.T` (BLAS ?syrk, at NumPy\'s '
+      'default threads) and `eigvalsh` of every matrix, without the '
+      'unfoldings\' copies, the scaling or the search.',
       '',
   ]
   return '\n'.join(lines)
@@ -458,7 +490,8 @@ def main(argv=None):
                                                     'benchmarks_vbmf.md'))
   parser.add_argument('--child', help=argparse.SUPPRESS)
   parser.add_argument('--cache', default='', help=argparse.SUPPRESS)
-  parser.add_argument('--svd', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--program', action='store_true',
+                      help=argparse.SUPPRESS)
   argv = sys.argv[1:] if argv is None else argv
   args = parser.parse_args(argv)
   if args.fresh < 1:
@@ -468,7 +501,7 @@ def main(argv=None):
     parser.error(f'--repeats {args.repeats}: must be >= 1 (the warm rows '
                  'are medians over that many rounds)')
   if args.child:
-    child(args.child, args.cache, args.svd)
+    child(args.child, args.cache, args.program)
     return
   rows = []
   with tempfile.TemporaryDirectory() as workdir:

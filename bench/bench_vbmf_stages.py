@@ -1,4 +1,7 @@
-"""Where the first ``vbmf_ranks`` call of a process spends its time.
+"""Where the first ``vbmf_ranks`` call of a process spends its time when its
+spectra are the compiled program's (other backends, or
+``lj.vbmf.use_host_spectra(False)`` on CPU; the CPU default computes them
+on the host and compiles only the solve: docs/benchmarks_vbmf.md).
 
 Runs, in fresh processes (one per repeat), the steps of the first call on
 the ResNet-50 planted kernels of bench/bench_vbmf.py one after another,
@@ -149,9 +152,14 @@ def report(runs, args, argv):
          for i in range(len(STEPS))]
   loop = statistics.median(r['reference'] for r in runs)
   total = sum(med)
-  lines = ['## The first `vbmf_ranks` call, step by step', '',
+  lines = ['## The first `vbmf_ranks` call with the compiled spectra '
+           'program, step by step', '',
            f'Command: `{" ".join(["python", "bench/bench_vbmf_stages.py"] + argv)}`.',
            '', hostinfo.machine_line(), '',
+           'The route of other backends and of '
+           '`lj.vbmf.use_host_spectra(False)`; on CPU the default computes '
+           'the spectra on the host with NumPy and compiles only the solve '
+           '(docs/benchmarks_vbmf.md times both routes).', '',
            f'{args.net} planted kernels (bench/bench_vbmf.py), one fresh '
            f'process per repeat ({len(runs)}), medians. The steps run one '
            'after another here; the library compiles the solve in a second '
@@ -172,7 +180,8 @@ def warm_report(runs):
          for i in range(len(WARM))]
   call, floor = med[0] + med[1], med[4] + med[5]
   rest = med[0] - med[2] - med[3]
-  return ['', '## The warm call, by part', '',
+  return ['', '## The warm call with the compiled spectra program, by part',
+          '',
           'The same processes, after the first call: medians of 5 runs '
           'each, then over the processes. The parts are compiled alone on '
           'the same matrices (every mode\'s Gram matrix, unpadded for the '

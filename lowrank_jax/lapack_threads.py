@@ -7,6 +7,10 @@ for the same cores. With one BLAS thread the warm calls of
 docs/benchmarks_lapack_threads.md ran 1.0-4.5x faster next to a training
 run in another process (2 cores), and 1.0-1.6x idle.
 
+:func:`lowrank_jax.vbmf_ranks` computes its spectra on CPU with NumPy's
+BLAS and LAPACK (:mod:`lowrank_jax.vbmf.host_spectra`), one matrix per core
+in Python threads, each call under the same limit.
+
 So the library's LAPACK calls (:func:`lowrank_jax.vbmf_ranks`,
 :func:`lowrank_jax.evbmf` called eagerly, and the factors of the tucker2,
 svd, cp and overparam forms, which the split transforms and
@@ -71,6 +75,12 @@ def _blas_libraries() -> tuple:
   import threadpoolctl
   controller = threadpoolctl.ThreadpoolController()
   return tuple(controller.select(user_api='blas').lib_controllers)
+
+
+def blas_threads() -> int:
+  """The most threads any loaded host BLAS library uses now (1 inside
+  :func:`limited` at the default setting)."""
+  return max([lib.get_num_threads() for lib in _blas_libraries()] or [1])
 
 
 @contextlib.contextmanager

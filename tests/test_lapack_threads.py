@@ -13,6 +13,7 @@ import lowrank_jax as lj
 from lowrank_jax import forms
 from lowrank_jax import lapack_threads
 from lowrank_jax.vbmf import batched
+from lowrank_jax.vbmf import host_spectra
 
 
 def _blas_threads():
@@ -92,18 +93,24 @@ def test_threads_restore_the_counts_when_the_last_leaves():
 
 
 def test_vbmf_ranks_and_splits_run_under_the_limit(monkeypatch):
-  seen = []
-  run = batched._run
+  seen, grams = [], []
+  run, mode_gram = batched._run, host_spectra._mode_gram
 
   def spy(*args, **kwargs):
     seen.append(_blas_threads())
     return run(*args, **kwargs)
 
+  def spy_gram(*args):  # in the host spectra's worker threads
+    grams.append(lapack_threads.blas_threads())
+    return mode_gram(*args)
+
   monkeypatch.setattr(batched, '_run', spy)
+  monkeypatch.setattr(host_spectra, '_mode_gram', spy_gram)
   kernel = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 16, 24))
   params = {'conv': {'kernel': kernel}}
   ranks = lj.vbmf_ranks(params, min_rank=1)
   assert seen and all(n == 1 for got in seen for _, n in got)
+  assert grams == [1, 1]  # both modes' Gram matrices, on one BLAS thread
   # The same factors with the host BLAS as it is.
   split = forms.get('tucker2').from_kernel(kernel, (4, 6))
   lj.set_lapack_threads(None)

@@ -26,6 +26,7 @@ from lowrank_jax import vbmf
 from lowrank_jax.forms import svd as svd_form
 from lowrank_jax.forms import tucker2
 from lowrank_jax.vbmf import batched
+from lowrank_jax.vbmf import host_spectra
 from lowrank_jax.vbmf import network
 from lowrank_jax.vbmf import solver
 from lowrank_jax.vbmf import spectra as spectra_program
@@ -656,11 +657,13 @@ def test_vbmf_ranks_reports_sigma2_beyond_float32(resnet20, scale):
                              base['head']['threshold'][0], rtol=1e-4)
 
 
-def test_vbmf_ranks_compiles_two_programs_once(resnet20,
+@pytest.mark.parametrize('host', [True, False])
+def test_vbmf_ranks_compiles_two_programs_once(resnet20, host,
                                               no_compilation_cache):
   """First call: one trace and one XLA compilation each of the spectra
-  program and the solve; repeat calls: none. A network with a matrix that
-  'auto' must redo with the SVD compiles the pair once more, once."""
+  program (none with the host spectra, the default on CPU) and the solve;
+  repeat calls: none. A network with a matrix that 'auto' must redo with
+  the SVD compiles the pair once more, once."""
   compiles = []
 
   def listener(event, duration, **kwargs):
@@ -681,22 +684,26 @@ def test_vbmf_ranks_compiles_two_programs_once(resnet20,
   vbmf.use_lapack_eigenvalues(True)
   jax.clear_caches()
   jax.monitoring.register_event_duration_secs_listener(listener)
+  vbmf.use_host_spectra(host)
+  first_pass = 0 if host else 1  # spectra programs of the first pass
   try:
     plain = vbmf.vbmf_ranks(resnet20, select=r'stage1.*')  # random init
-    assert (traces(), len(compiles)) == ((1, 1), 2)
+    assert (traces(), len(compiles)) == ((first_pass, 1), 1 + first_pass)
     assert vbmf.vbmf_ranks(resnet20, select=r'stage1.*') == plain
-    assert (traces(), len(compiles)) == ((1, 1), 2)
+    assert (traces(), len(compiles)) == ((first_pass, 1), 1 + first_pass)
     # stage2_block0/conv2's planted spectrum (noise 1e-3) spans more than
     # float32 Gram products resolve: the network's pair of programs plus the
     # pair of the SVD redo of that layer.
     first = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
-    assert (traces(), len(compiles)) == ((3, 3), 6)
+    want = ((1 + 2 * first_pass, 3), 4 + 2 * first_pass)
+    assert (traces(), len(compiles)) == want
     second = vbmf.vbmf_ranks(resnet20, select=r'stage2.*')
     # Same shapes under other paths (and a bare params tree): cached too.
     third = vbmf.vbmf_ranks(renamed)
-    assert (traces(), len(compiles)) == ((3, 3), 6)
+    assert (traces(), len(compiles)) == want
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+    vbmf.use_host_spectra(True)
   assert first == second
   assert list(third.values()) == list(first.values())
 
@@ -719,8 +726,9 @@ def test_lapack_eigenvalue_path_is_default_correct_and_can_be_turned_off(
   expected = np.linalg.eigvalsh(np.asarray(gram))[::-1]
   np.testing.assert_allclose(vbmf._gram_eigenvalues(gram), expected,
                              rtol=1e-4, atol=1e-3)
-  default = vbmf.vbmf_ranks(resnet20, select=r'stage3.*')
+  vbmf.use_host_spectra(False)  # vbmf_ranks through the compiled program
   try:
+    default = vbmf.vbmf_ranks(resnet20, select=r'stage3.*')
     assert not vbmf.use_lapack_eigenvalues(False)
     assert 'ffi_call' not in jaxpr()
     np.testing.assert_allclose(vbmf._gram_eigenvalues(gram), expected,
@@ -728,6 +736,7 @@ def test_lapack_eigenvalue_path_is_default_correct_and_can_be_turned_off(
     assert vbmf.vbmf_ranks(resnet20, select=r'stage3.*') == default
   finally:
     vbmf.use_lapack_eigenvalues(True)
+    vbmf.use_host_spectra(True)
 
 
 # ---------------------------------------------------------------------------
@@ -838,6 +847,72 @@ def test_direct_grams_equal_the_prescaled_program_and_flag_extreme_scales():
       np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6 * want[0])
   ranks = vbmf.vbmf_ranks(params, min_rank=1)
   assert ranks['tiny'] == (5,) and ranks['zero'] == (20,)
+
+
+def _program_and_host_spectra(params):
+  """The compiled CPU spectra program's first pass and the host route's,
+  as {dtype: arrays} on the host, with the plan's group order (paths)."""
+  all_layers, plan = network._plan(params, None)
+  sources, kinds, groups = spectra_program._program_inputs(plan, all_layers)
+  assert host_spectra.serves(kinds, 'auto', False, {'cpu'})
+  program = jax.device_get(spectra_program._network_spectra['cpu'](
+      sources, kinds, groups, 'auto', prescale=False))
+  host = host_spectra.host_spectra(sources, kinds, groups)
+  order = [plan[i].path for _, members in groups for i, _ in members]
+  return program, host, order
+
+
+def test_host_spectra_equal_the_compiled_program():
+  """The host route (CPU default) gives the program's arrays: the same
+  shapes and dtypes, padding, exponents and flags (tall 'in' and 'out'
+  unfoldings, a dense layer, a Tucker-2 core, a bfloat16 layer, a layer
+  at 1e-30 and an all-zero one, both flagged for the prescaled pass),
+  and the same spectra to float32 rounding."""
+  rng = np.random.default_rng(0)
+  shapes = {'tall_in': (3, 3, 40, 2), 'tall_out': (3, 3, 2, 40),
+            'conv': (3, 3, 16, 24), 'dense': (20, 90), 'wide': (90, 20)}
+  params = {p: {'kernel': jnp.asarray(rng.standard_normal(s), jnp.float32)}
+            for p, s in shapes.items()}
+  params['half'] = {'kernel': jnp.asarray(rng.standard_normal((3, 3, 8, 12)),
+                                          jnp.bfloat16)}
+  params['split'] = tucker2.from_kernel(
+      jnp.asarray(rng.standard_normal((3, 3, 24, 32)), jnp.float32), (12, 16))
+  params['tiny'] = {'kernel': jnp.asarray(1e-30 * planted((20, 90), 5),
+                                          jnp.float32)}
+  params['zero'] = {'kernel': jnp.zeros((20, 90), jnp.float32)}
+  program, host, order = _program_and_host_spectra(params)
+  assert program.keys() == host.keys() == {'float32'}
+  want, got = program['float32'], host['float32']
+  for a, b in zip(want, got):
+    assert (a.shape, a.dtype) == (b.shape, b.dtype)
+  for k in (1, 2, 3, 4, 5):  # L, M, e, finite, rescale
+    np.testing.assert_array_equal(got[k], want[k])
+  assert list(got[5]) == [p in ('tiny', 'zero') for p in order]
+  for row, ref, path in zip(got[0], want[0], order):
+    if path not in ('tiny', 'zero'):
+      np.testing.assert_allclose(row, ref, rtol=1e-5, atol=1e-6 * ref[0])
+      assert row[0] > 0
+    else:
+      assert not row.any()
+
+
+@pytest.mark.parametrize('method', ['auto', 'gram'])
+def test_vbmf_ranks_agree_with_and_without_the_host_spectra(resnet20,
+                                                           method):
+  """The same ranks, sigma2 and spectra from either route, on resnet20's
+  planted kernels and a non-finite layer's error."""
+  try:
+    vbmf.use_host_spectra(False)
+    want = vbmf.vbmf_ranks(resnet20, report=True, method=method)
+  finally:
+    vbmf.use_host_spectra(True)
+  got = vbmf.vbmf_ranks(resnet20, report=True, method=method)
+  assert got[0] == want[0]
+  for path, d in got[1].items():
+    np.testing.assert_allclose(d['sigma2'], want[1][path]['sigma2'],
+                               rtol=1e-4)
+    for a, b in zip(d['singular_values'], want[1][path]['singular_values']):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * b[0])
 
 
 def test_bucketed_spectra_equal_unpadded_eigenvalues():

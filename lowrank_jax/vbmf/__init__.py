@@ -6,7 +6,8 @@ noise variance sigma^2 and keeps the singular values above the EVB threshold.
 It is pure ``jnp``, jittable and vmappable.
 
 :func:`vbmf_ranks` applies it to every selected layer of a parameter tree in
-one call of two compiled programs, spectra and solve (a second call only for
+one call of two compiled programs, spectra and solve (on CPU the spectra are
+computed on the host by default, with the same result; a second call only for
 matrices at extreme scales or whose spectrum the Gram route cannot resolve;
 eigenproblems are grouped in size buckets): the two Tucker-2
 unfoldings of each k x k conv, the (everything but C_out) x C_out matrix of
@@ -31,6 +32,8 @@ Modules:
   the opt-in persistent compilation cache).
 * :mod:`~lowrank_jax.vbmf.spectra`: the first of them, the spectra program
   (Gram matrices from the kernels, size buckets, zero padding).
+* :mod:`~lowrank_jax.vbmf.host_spectra`: the same spectra on the host for
+  CPU calls (no compiling; :func:`use_host_spectra` turns it off).
 
 References:
   Nakajima, Sugiyama, Babacan, Tomioka, Global Analytic Solution of
@@ -39,6 +42,7 @@ References:
   ICCV Workshops 2019 (weakened ranks, minimum ranks).
 """
 
+from lowrank_jax.vbmf.host_spectra import use_host_spectra
 from lowrank_jax.vbmf.linalg import METHODS, use_lapack_eigenvalues
 from lowrank_jax.vbmf.network import vbmf_ranks
 from lowrank_jax.vbmf.solver import evbmf, EVBMFResult

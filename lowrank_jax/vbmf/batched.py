@@ -2,7 +2,9 @@
 
 :func:`evbmf_per_mode` takes the layer plans of
 :mod:`~lowrank_jax.vbmf.network` and returns every (layer, mode)'s EVBMF
-rank, sigma^2, threshold and spectrum from one call of two jitted programs:
+rank, sigma^2, threshold and spectrum from one call of two jitted programs
+(on CPU the first is computed on the host by default, with the same
+output: :mod:`~lowrank_jax.vbmf.host_spectra`):
 the spectra (:mod:`~lowrank_jax.vbmf.spectra`: each matrix's L x L Gram
 matrix formed from its kernel, scaled by a power of two and zero-padded to
 a few size buckets, so that a network compiles a few eigensolver loops;
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax.lapack_threads import limits_threads
-from lowrank_jax.vbmf import linalg
+from lowrank_jax.vbmf import host_spectra, linalg
 from lowrank_jax.vbmf.linalg import _host_ldexp, _ldexp
 from lowrank_jax.vbmf.solver import _evbmf_sq, _gram_unsure
 from lowrank_jax.vbmf.spectra import (_network_spectra, _program_inputs,
@@ -129,10 +131,13 @@ def _network_solve(spectra, method):
 
 
 def _run(plan, all_layers, method, *, prescale):
-  """``(per_mode, redo)`` of the planned layers from two compiled calls.
+  """``(per_mode, redo)`` of the planned layers: their spectra (on the
+  host where :func:`~lowrank_jax.vbmf.host_spectra.serves`, else the
+  compiled program), then the compiled solve.
 
   The solve's program is compiled in a second thread from the spectra's
-  output shapes while this one lowers, compiles and runs the spectra
+  output shapes while this one computes (or lowers, compiles and runs) the
+  spectra
   (XLA compiles outside the GIL; on 2 cores the first ResNet-50 call
   took 3.4 s -> 2.5 s next to a training run, the solve's compilation
   having been the longest step, after the spectra's).
@@ -141,16 +146,21 @@ def _run(plan, all_layers, method, *, prescale):
   devices = {d for x in jax.tree.leaves(sources)
              for d in getattr(x, 'devices', lambda: ())()}
   platforms = {d.platform for d in devices} or {jax.default_backend()}
-  program = _network_spectra['cpu' if platforms == {'cpu'} else None]
-  # _gram_eigenvalues reads the switch while tracing; as a static argument
-  # it gives each setting its own compiled program.
-  static = dict(kinds=kinds, groups=groups, method=method, prescale=prescale,
-                lapack=linalg._LAPACK['on'])
-  shapes = program.trace(sources, **static).out_info  # jit keeps the trace
+  if host_spectra.serves(kinds, method, prescale, platforms):
+    shapes = host_spectra.output_shapes(groups)
+    spectra = lambda: host_spectra.host_spectra(sources, kinds, groups)
+  else:
+    program = _network_spectra['cpu' if platforms == {'cpu'} else None]
+    # _gram_eigenvalues reads the switch while tracing; as a static
+    # argument it gives each setting its own compiled program.
+    static = dict(kinds=kinds, groups=groups, method=method,
+                  prescale=prescale, lapack=linalg._LAPACK['on'])
+    shapes = program.trace(sources, **static).out_info  # jit keeps the trace
+    spectra = lambda: program(sources, **static)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     # Lowering and compiling fill _network_solve's cache for the call below.
     solve = pool.submit(lambda: _network_solve.lower(shapes, method).compile())
-    spectra = program(sources, **static)
+    spectra = spectra()
     solve.result()
   out = jax.device_get(_network_solve(spectra, method))
   return _per_mode(out, groups, plan)

@@ -117,11 +117,16 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   Each mode's rank is ``weakened_rank(R, R_vbmf, weaken=weaken,
   min_rank=min(min_rank, R))``: EVBMF rank 0 keeps R.
 
-  All matrices of the network go through one call of two jitted programs
-  (jax.jit caches them per set of shapes and forms; the spectra program is
-  compiled at XLA optimization level 0 on CPU, which halved its compile
-  time, the solve with the default options, see
-  :mod:`lowrank_jax.vbmf.batched`): each matrix's Gram matrix is formed
+  All matrices of the network go through one spectra pass and one vmapped
+  EVBMF solve, a jitted program (jax.jit caches it per set of shapes). On
+  CPU the spectra are computed on the host by default (BLAS ?syrk Gram
+  matrices and LAPACK eigenvalues through SciPy, the same arrays as the
+  compiled program's, with no tracing or compiling:
+  :mod:`lowrank_jax.vbmf.host_spectra`; ``lj.vbmf.use_host_spectra(False)``
+  turns it off). Elsewhere, and for layers in a form that must be collapsed
+  first, they are a second jitted program (compiled at XLA optimization
+  level 0 on CPU, see :mod:`lowrank_jax.vbmf.batched`): each matrix's Gram
+  matrix is formed
   from its kernel (no copies of the unfoldings) and scaled by a power of
   two, the eigenproblems (eigenvalues only) run per size bucket
   (Gram matrices zero-padded to 16, 24, 32, 48, 64, ...: the same
@@ -137,9 +142,9 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   spectrum spans more than the Gram route resolves with the SVD, each in a
   second call.
 
-  The first call traces and compiles (seconds; the solve compiles in a
-  second thread while the spectra compile and run); later calls with the
-  same shapes reuse the programs. To skip the compilation in later
+  The first call traces and compiles (about a second; the solve compiles
+  in a second thread while the spectra are computed); later calls with
+  the same shapes reuse the programs. To skip the compilation in later
   *processes* too, pass ``compilation_cache=DIR``: JAX's persistent
   compilation cache
   (https://docs.jax.dev/en/latest/persistent_compilation_cache.html) is then
