@@ -97,10 +97,12 @@ def host_spectra(sources, kinds, groups) -> dict:
   out = {}
   for dtype, sides in _sides_by_dtype(groups).items():
     width = _bucket(max(sides))
-    rows = [(big_l, big_m, kernels.setdefault(i, np.asarray(
-        sources[i], dtype)), kinds[i][1][m])
-            for (big_l, big_m, d), members in groups if d == dtype
-            for i, m in members]
+    rows = []  # (L, M, kernel, mode) per matrix, in group order
+    for (big_l, big_m, d), members in groups:
+      for i, m in members if d == dtype else ():
+        if i not in kernels:  # once per layer (a bfloat16 one is converted)
+          kernels[i] = np.asarray(sources[i], dtype)
+        rows.append((big_l, big_m, kernels[i], kinds[i][1][m]))
     lam = np.zeros((len(rows), width), dtype)
     e = np.zeros(len(rows), np.int32)
     ok = np.zeros(len(rows), bool)
