@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.compress.min_rank_dense = 8  # Minimum rank of dense layers.
   config.compress.conv_form = 'tucker2'  # Form of split k x k convs: tucker2 or cp.
   config.compress.hooi_iters = 0  # HOOI sweeps (0: HOSVD, as in docs/results.md).
+  config.compress.recalibrate_batches = 0  # BatchNorm stats after a split (0: kept).
   config.compress.round_to = 1  # Round target-rule ranks up to this multiple.
   config.compress.pretrained = ''  # Saved variables to start from ('' trains).
 

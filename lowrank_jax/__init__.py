@@ -2,7 +2,8 @@
 
 Pure transforms of Flax parameter trees and NNX modules
 (``overparameterize``, ``vbmf_ranks``, ``tucker2_split``, ``svd_split``,
-``cp_split``, ``collapse``, ``fold_cores``), the orthogonality penalty,
+``cp_split``, ``collapse``, ``fold_cores``), BatchNorm statistics after a
+split (``recalibrate_batch_stats``), the orthogonality penalty,
 counting and timing (``never_slower``, ``fastest_network``). Any linen
 model whose layers are ``nn.Conv`` / ``nn.Dense`` runs a transformed tree
 through ``lj.apply(model, variables, x)``; a transformed NNX module is a new
@@ -14,6 +15,7 @@ from lowrank_jax import forms
 from lowrank_jax.adtn import (adtn_encode, adtn_param_count, adtn_unshare,
                               ADTNLayerAction)
 from lowrank_jax.adtn_timing import decode_time, DecodeTime
+from lowrank_jax.batch_stats import recalibrate_batch_stats
 from lowrank_jax.counting import (count_flops, count_params, FlopsReport,
                                   LayerFlops)
 from lowrank_jax.deploy import export
@@ -41,7 +43,7 @@ __all__ = [
     'collapse', 'cp_split', 'decompose', 'fold_cores', 'overparameterize',
     'svd_split',
     'tucker2_split', 'adtn_encode', 'adtn_unshare', 'LayerAction',
-    'ADTNLayerAction',
+    'ADTNLayerAction', 'recalibrate_batch_stats',
     # ranks
     'evbmf', 'EVBMFResult', 'vbmf_ranks', 'weakened_rank', 'round_ranks',
     # trees

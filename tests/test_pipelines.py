@@ -1,5 +1,6 @@
 """The compression jobs end to end on real Fashion-MNIST (smoke settings)."""
 
+import itertools
 import json
 import os
 import sys
@@ -17,6 +18,8 @@ from lowrank_jax import rank_rules
 from lowrank_jax import tree
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import compress_config
+from lowrank_jax.train import data
+from lowrank_jax.train import jobs
 from lowrank_jax.train import atomic
 from lowrank_jax.train import errors
 from lowrank_jax.train import loop
@@ -280,6 +283,8 @@ def test_a_killed_job_resumes_at_its_stage_and_step(tmp_path, monkeypatch,
     ('compress.rank_rule', 'vbmff', "compress.rank_rule='vbmff'"),
     ('compress.pretrained', '/nonexistent/ckpt',
      "compress.pretrained='/nonexistent/ckpt': no saved variables"),
+    ('compress.recalibrate_batches', -1,
+     'compress.recalibrate_batches=-1 must be an integer >= 0'),
 ])
 def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
                                       monkeypatch):
@@ -291,6 +296,35 @@ def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
   with pytest.raises(errors.ConfigError, match=message.replace(
       '(', r'\(').replace('.', r'\.')):
     pipelines.run_musco(config, str(tmp_path))
+
+
+def test_compress_stage_recalibrates_batch_norm_on_the_first_batches(
+    tmp_path):
+  """compress.recalibrate_batches=2 on vgg7b: the compress stage's network
+  is the split with BatchNorm statistics re-estimated on the first 2
+  training batches of epoch 0, as the training loop draws them."""
+  config = _config('direct', recalibrate_batches=2,
+                   exclude='conv1_1|head')
+  config.model = 'vgg7b'
+  job = jobs.Job(config, str(tmp_path), 'direct')
+  variables = job.model.init(jax.random.PRNGKey(0),
+                             jnp.zeros(job.input_shape))
+  out = pipelines._compress_stage(job, 'compress', variables)
+  ranks = {p: tuple(r) for p, r in
+           job.report['stages'][-1]['ranks'].items()}
+  assert ranks
+  split = pipelines.compress(variables, ranks)
+  batches = data.iterate_batches(
+      job.dataset.train, config.batch_size, mean=job.dataset.mean,
+      std=job.dataset.std, seed=config.seed, epoch=0,
+      augment=config.augment, pad_crop=config.pad_crop)
+  want = lj.recalibrate_batch_stats(job.model, split,
+                                    itertools.islice(batches, 2))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               jax.device_get(out), jax.device_get(want))
+  assert not np.allclose(out['batch_stats']['bn2_1']['mean'],
+                         split['batch_stats']['bn2_1']['mean'])
 
 
 def test_vgg16_adtn_config_switches_the_decode_stage_to_clipped_adam():

@@ -110,6 +110,11 @@ def _rule_errors(c) -> list[str]:
   for key in ('min_rank_kxk', 'min_rank_1x1', 'min_rank_dense'):
     if c[key] < 1:
       errors.append(f'compress.{key}={c[key]} must be >= 1')
+  batches = c.get('recalibrate_batches', 0)
+  if (isinstance(batches, bool) or not isinstance(batches, int)
+      or batches < 0):
+    errors.append(f'compress.recalibrate_batches={batches!r} must be an '
+                  'integer >= 0 (training batches; 0 keeps the statistics)')
   if not 0 < c.weaken <= 1 and c.rank_rule == 'weakened_vbmf':
     errors.append(f'compress.weaken={c.weaken} must be in (0, 1] for the '
                   'weakened_vbmf rule (0 would compress nothing)')

@@ -22,6 +22,7 @@ Stages are importable for notebooks: :func:`choose_ranks`, :func:`compress`,
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 from typing import Any, Callable, Mapping, Optional
@@ -29,6 +30,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 
 from lowrank_jax import adtn as adtn_lib
+from lowrank_jax import batch_stats
 from lowrank_jax import forms
 from lowrank_jax import penalties
 from lowrank_jax import rank_rules
@@ -37,6 +39,7 @@ from lowrank_jax import tree
 from lowrank_jax import vbmf
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import compress_config
+from lowrank_jax.train import data as data_lib
 from lowrank_jax.train import jobs
 from lowrank_jax.train import state as state_lib
 
@@ -177,6 +180,8 @@ def _compress_stage(job: jobs.Job, name: str, variables, chosen=None):
                       else chosen)
     out = compress(variables, ranks, conv_form=c.conv_form,
                    hooi_iters=c.hooi_iters)
+    if ranks and c.get('recalibrate_batches'):
+      out = recalibrate(job, out, c.recalibrate_batches)
     after = rank_rules.layer_geometry(job.model, out, job.input_shape)
     for p, d in details.items():
       d.update(params_after=after[p].params, flops_after=after[p].macs,
@@ -185,6 +190,22 @@ def _compress_stage(job: jobs.Job, name: str, variables, chosen=None):
     return out, {'ranks': {p: list(r) for p, r in ranks.items()},
                  'compressed_layers': len(ranks)}
   return job.stage(name, run)
+
+
+def recalibrate(job: jobs.Job, variables, num_batches: int):
+  """BatchNorm statistics of a split network re-estimated on the first
+  ``num_batches`` training batches of epoch 0, as the training loop draws
+  them (:func:`lowrank_jax.recalibrate_batch_stats`); unchanged without
+  BatchNorm."""
+  if 'batch_stats' not in variables:
+    return variables
+  config = job.config
+  batches = data_lib.iterate_batches(
+      job.dataset.train, config.batch_size, mean=job.dataset.mean,
+      std=job.dataset.std, seed=config.seed, epoch=0,
+      augment=config.augment, pad_crop=config.pad_crop)
+  return batch_stats.recalibrate_batch_stats(
+      job.model, variables, itertools.islice(batches, num_batches))
 
 
 # ----------------------------------------------------------------------------
