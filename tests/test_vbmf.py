@@ -915,6 +915,30 @@ def test_vbmf_ranks_agree_with_and_without_the_host_spectra(resnet20,
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * b[0])
 
 
+def test_host_spectra_agree_with_the_program_in_float64_and_mixed_dtypes():
+  """Under x64, float64 layers next to a float32 one: each dtype's spectra
+  on the host (a float64 Gram route) give the program's ranks and sigma2."""
+  with jax.enable_x64(True):
+    params = {
+        'wide': {'kernel': jnp.asarray(planted((20, 90), 5, seed=2),
+                                       jnp.float64)},
+        'conv': {'kernel': jnp.asarray(planted((27, 40), 4, seed=3).reshape(
+            3, 3, 3, 40), jnp.float64)},
+        'f32': {'kernel': jnp.asarray(planted((30, 60), 6, seed=4),
+                                      jnp.float32)}}
+    host = vbmf.vbmf_ranks(params, report=True, min_rank=1)
+    try:
+      vbmf.use_host_spectra(False)
+      program = vbmf.vbmf_ranks(params, report=True, min_rank=1)
+    finally:
+      vbmf.use_host_spectra(True)
+  assert host[0] == program[0]
+  assert host[0]['wide'] == (5,) and host[0]['f32'] == (6,)
+  for path, d in host[1].items():
+    np.testing.assert_allclose(d['sigma2'], program[1][path]['sigma2'],
+                               rtol=1e-5 if path == 'f32' else 1e-10)
+
+
 def test_bucketed_spectra_equal_unpadded_eigenvalues():
   rng = np.random.default_rng(0)
   ys = [rng.standard_normal((big_l, 60)).astype(np.float32)
