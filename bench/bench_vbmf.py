@@ -449,12 +449,12 @@ def report(rows, args, argv, pad):
     lines.append('')
   lines += [
       'How: on CPU the spectra (each matrix\'s squared singular values) '
-      'are computed on the host by default: each Gram matrix by BLAS ?syrk '
-      'from its kernel (SciPy\'s BLAS, the one jaxlib\'s LAPACK uses), '
-      'scaled by the power of two of its largest diagonal entry, its '
-      "eigenvalues by LAPACK ?syevd mode 'N' (SciPy), so only the EVBMF "
-      'solve is compiled (one vmapped jnp program of every matrix, in a '
-      'second thread while the spectra run). The compiled spectra '
+      'are computed on the host by default with NumPy, one matrix per core '
+      'at one BLAS thread each: each Gram matrix by BLAS ?syrk from its '
+      'kernel, scaled by the power of two of its largest diagonal entry, '
+      "its eigenvalues by LAPACK ?syevd mode 'N' (`eigvalsh`), so only the "
+      'EVBMF solve is compiled (one vmapped jnp program of every matrix, in '
+      'a second thread while the spectra run). The compiled spectra '
       'program (other backends, `use_host_spectra(False)`, layers that '
       'must be collapsed to a kernel first, and the redos: matrices at '
       "extreme scales prescaled, and those 'auto' gives to the SVD) forms "

@@ -5,11 +5,12 @@ error, so the running mean and variance of the BatchNorm after it no
 longer match what it normalizes: on the README's main job (vgg7b, Tucker-2
 at 3.27x fewer multiply-adds) test accuracy fell from 92.53% to 43.10% at
 the split, and statistics re-estimated on 50 training batches gave 85.54%
-(README). :func:`recalibrate_batch_stats`
-runs the split network in training mode on a few batches and sets every
-BatchNorm's statistics to the average of its batch means and variances
-(the cumulative average of PyTorch's ``momentum=None``), changing no
-parameter. Fine-tuning then starts from the recalibrated network.
+(README). :func:`recalibrate_batch_stats` runs the split network in
+training mode on a few batches and sets every BatchNorm's statistics to
+the average of its batch means and variances (the cumulative average of
+PyTorch's ``momentum=None``), changing no parameter. Fine-tuning then
+starts from the recalibrated network (and, training on batch statistics,
+replaces them).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def recalibrate_batch_stats(model, *args, **apply_kwargs):
   of its batch statistics, computed with the network in training mode
   (linen: the call's ``apply_kwargs``, ``train=True`` by default, set the
   mode of every layer; NNX: the BatchNorm layers use batch statistics, the
-  other layers stay in the module's mode); parameters are not changed. Batches are arrays or ``(images, labels)`` pairs, as a data
-  iterator yields them.
+  other layers stay in the module's mode); parameters are not changed.
+  Batches are arrays or ``(images, labels)`` pairs, as a data iterator
+  yields them.
 
   Args:
     model: a linen model, then ``variables, batches``

@@ -27,6 +27,15 @@ from lowrank_jax.train.state import TrainState
 from lowrank_jax.train.steps import evaluate
 
 
+def epoch_batches(config, dataset: data_lib.Dataset, epoch: int):
+  """The ``(images, labels)`` training batches of ``epoch``, in the order
+  and with the augmentation the training loop draws them."""
+  return data_lib.iterate_batches(
+      dataset.train, config.batch_size, mean=dataset.mean, std=dataset.std,
+      seed=config.seed, epoch=epoch, augment=config.augment,
+      pad_crop=config.pad_crop)
+
+
 def run_epochs(run: Run, state: TrainState,
                progress: Progress) -> TrainState:
   """Runs epochs from ``progress.step`` until the run is done; an epoch
@@ -34,10 +43,7 @@ def run_epochs(run: Run, state: TrainState,
   config = run.config
   epoch = progress.step // run.steps_per_epoch
   while not progress.done(run.stop_at):
-    batches = data_lib.iterate_batches(
-        run.dataset.train, run.batch_size, mean=run.dataset.mean,
-        std=run.dataset.std, seed=config.seed, epoch=epoch,
-        augment=config.augment, pad_crop=config.pad_crop)
+    batches = epoch_batches(config, run.dataset, epoch)
     done_in_epoch = progress.step - epoch * run.steps_per_epoch
     for images, labels in itertools.islice(batches, done_in_epoch, None):
       state = _train_step(run, state, progress, images, labels)

@@ -39,7 +39,7 @@ from lowrank_jax import tree
 from lowrank_jax import vbmf
 from lowrank_jax.train import checkpoint
 from lowrank_jax.train import compress_config
-from lowrank_jax.train import data as data_lib
+from lowrank_jax.train import epochs
 from lowrank_jax.train import jobs
 from lowrank_jax.train import state as state_lib
 
@@ -199,11 +199,7 @@ def recalibrate(job: jobs.Job, variables, num_batches: int):
   BatchNorm."""
   if 'batch_stats' not in variables:
     return variables
-  config = job.config
-  batches = data_lib.iterate_batches(
-      job.dataset.train, config.batch_size, mean=job.dataset.mean,
-      std=job.dataset.std, seed=config.seed, epoch=0,
-      augment=config.augment, pad_crop=config.pad_crop)
+  batches = epochs.epoch_batches(job.config, job.dataset, 0)
   return batch_stats.recalibrate_batch_stats(
       job.model, variables, itertools.islice(batches, num_batches))
 

@@ -148,7 +148,7 @@ def _run(plan, all_layers, method, *, prescale):
   platforms = {d.platform for d in devices} or {jax.default_backend()}
   if host_spectra.serves(kinds, method, prescale, platforms):
     shapes = host_spectra.output_shapes(groups)
-    spectra = lambda: host_spectra.host_spectra(sources, kinds, groups)
+    compute = lambda: host_spectra.host_spectra(sources, kinds, groups)
   else:
     program = _network_spectra['cpu' if platforms == {'cpu'} else None]
     # _gram_eigenvalues reads the switch while tracing; as a static
@@ -156,11 +156,11 @@ def _run(plan, all_layers, method, *, prescale):
     static = dict(kinds=kinds, groups=groups, method=method,
                   prescale=prescale, lapack=linalg._LAPACK['on'])
     shapes = program.trace(sources, **static).out_info  # jit keeps the trace
-    spectra = lambda: program(sources, **static)
+    compute = lambda: program(sources, **static)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     # Lowering and compiling fill _network_solve's cache for the call below.
     solve = pool.submit(lambda: _network_solve.lower(shapes, method).compile())
-    spectra = spectra()
+    spectra = compute()
     solve.result()
   out = jax.device_get(_network_solve(spectra, method))
   return _per_mode(out, groups, plan)

@@ -4,18 +4,18 @@ the CPU backend.
 On CPU the spectra program's work is one BLAS product per Gram matrix and
 one LAPACK eigenproblem per matrix; XLA adds tracing, lowering and
 compiling, which were most of a first :func:`~lowrank_jax.vbmf_ranks` call
-(docs/benchmarks_vbmf_stages.md), and its Gram products took 2.6x the
-time of NumPy's, which runs ``a @ a.T`` as BLAS ``?syrk`` (half the flops
-of the general product). :func:`host_spectra` returns the very arrays of
+(docs/benchmarks_vbmf_stages.md), and its Gram products took 1.8-2.6x
+the time of NumPy's (that page, two VMs), which runs ``a @ a.T`` as BLAS
+``?syrk`` (half the flops of the general product). :func:`host_spectra` returns the very arrays of
 :func:`~lowrank_jax.vbmf.spectra._network_spectra_impl` (same Gram
 matrices, same power-of-two scaling by the largest diagonal entry, same
 cut, same zero padding, same flags) from NumPy: float32 products and
 ``eigvalsh`` (LAPACK ``?syevd`` without eigenvectors), one matrix per core
 at a time (NumPy releases the GIL in both), each on one BLAS thread
 (:mod:`lowrank_jax.lapack_threads`; with more BLAS threads, fewer at a
-time). The EVBMF solve, still one vmapped
-jnp program, takes them unchanged, so the ranks agree (tests/test_vbmf.py
-checks both routes against each other).
+time). The EVBMF solve, still one vmapped jnp program, takes them
+unchanged, so the ranks agree (tests/test_vbmf.py checks both routes
+against each other).
 
 It serves the first pass of a CPU call whose layers are plain kernels or
 Tucker-2 cores, under ``'auto'`` and ``'gram'``

@@ -120,7 +120,7 @@ def vbmf_ranks(params: Mapping, *, select=None, weaken: float = 1.0,
   All matrices of the network go through one spectra pass and one vmapped
   EVBMF solve, a jitted program (jax.jit caches it per set of shapes). On
   CPU the spectra are computed on the host by default (BLAS ?syrk Gram
-  matrices and LAPACK eigenvalues through SciPy, the same arrays as the
+  matrices and LAPACK eigenvalues through NumPy, the same arrays as the
   compiled program's, with no tracing or compiling:
   :mod:`lowrank_jax.vbmf.host_spectra`; ``lj.vbmf.use_host_spectra(False)``
   turns it off). Elsewhere, and for layers in a form that must be collapsed
