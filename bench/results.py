@@ -46,6 +46,10 @@ collapsed network (rows ``direct_ft<N>``, ``he2024_ft<N>``): is the gap
 the fine-tuning schedule or the capacity?::
 
   python bench/results.py --models vgg7b --finetune-epochs 10 --targets 4
+
+With ``--distill W`` those rows fine-tune distilled from the network before
+the split at weight W (``finetune.distill_weight``; rows
+``<pipeline>_ft<N>_kd<W>``).
 """
 
 from __future__ import annotations
@@ -274,13 +278,14 @@ def ablation_commands(models, seeds, settings, root, device):
 
 
 def long_finetune_commands(models, seeds, pipelines, targets, epochs,
-                           settings, root, device):
+                           settings, root, device, distill=0.0):
   """Longer fine-tuning of the frontier's splits: ``direct`` and ``he2024``
   at ``targets`` (default: the model's own) fine-tuned ``epochs`` epochs
   instead of the schedule's, from the same dense baseline (direct) or the
   same collapsed network (he2024) as the plain rows, so only the
   fine-tuning differs. Rows are ``<pipeline>_ft<epochs>`` (key
-  ``vgg7b/he2024_ft10@4x/0``); yields as :func:`planned_commands`."""
+  ``vgg7b/he2024_ft10@4x/0``), ``<pipeline>_ft<epochs>_kd<distill>`` when
+  distilled from that network; yields as :func:`planned_commands`."""
   for model in models:
     s = settings[model]
     s = dict(s, finetune_epochs=epochs, musco_finetune_epochs=s.get(
@@ -291,7 +296,8 @@ def long_finetune_commands(models, seeds, pipelines, targets, epochs,
       source = row_name(model, pipeline, seed, s)[1]
       stage = os.path.join(root, source, 'stages',
                            'baseline' if pipeline == 'direct' else 'collapse')
-      label = f'{pipeline}_ft{epochs}'
+      label = f'{pipeline}_ft{epochs}' + (f'_kd{distill:g}' if distill
+                                          else '')
       key, name = row_name(model, label, seed, s, device=device)
       key = key.replace(f'/{label}/', f'/{label}@{target:g}x/')
       workdir = os.path.join(root, f'{name}_{target:g}x')
@@ -299,9 +305,12 @@ def long_finetune_commands(models, seeds, pipelines, targets, epochs,
                      pretrained=stage if pipeline == 'direct' else None,
                      target=target,
                      trained=stage if pipeline == 'he2024' else None)
-      yield key, workdir, args, dict(
-          model=model, pipeline=label, seed=seed, target=target,
-          finetune_epochs=epochs), [stage]
+      meta = dict(model=model, pipeline=label, seed=seed, target=target,
+                  finetune_epochs=epochs)
+      if distill:
+        args.append(f'--config.finetune.distill_weight={distill}')
+        meta['distill_weight'] = distill
+      yield key, workdir, args, meta, [stage]
 
 
 def run(args, log, timeout=None):
@@ -365,6 +374,9 @@ def _parser():
                       'of direct and he2024 at --targets from the plain '
                       "rows' baseline / collapsed network instead of the "
                       'pipelines')
+  parser.add_argument('--distill', type=float, default=None, metavar='W',
+                      help='with --finetune-epochs: distilled from that '
+                      'network at this weight (rows <pipeline>_ft<N>_kd<W>)')
   parser.add_argument('--refresh', action='store_true',
                       help='re-summarize the rows of the results file from '
                       'their workdirs (fills new fields); runs nothing')
@@ -419,6 +431,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.finetune_epochs is not None and args.finetune_epochs < 1:
     parser.error(f'--finetune-epochs {args.finetune_epochs}: must be >= 1')
+  if args.distill is not None and (args.finetune_epochs is None or
+                                   not 0 < args.distill <= 1):
+    parser.error(f'--distill {args.distill}: a weight in (0, 1] for the '
+                 '--finetune-epochs rows')
   if args.finetune_epochs is not None and args.ablation:
     parser.error('--finetune-epochs and --ablation run different rows; '
                  'give one of them')
@@ -453,7 +469,7 @@ def main(argv=None):
   elif args.finetune_epochs is not None:
     commands = long_finetune_commands(
         models, args.seeds, args.pipelines, args.targets,
-        args.finetune_epochs, settings, root, device)
+        args.finetune_epochs, settings, root, device, args.distill or 0.0)
   else:
     rows = plan(models, args.seeds, args.pipelines, args.targets, settings)
     commands = planned_commands(rows, settings, root, device)

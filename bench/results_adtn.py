@@ -19,12 +19,14 @@ and FIT_NOISE below are the best of it.
 
   python bench/results_adtn.py --depth-sweep 8 16 32 [--models fc2]
                                [--train-epochs 8] [--train-lr 0.01]
-                               [--normalize]
+                               [--normalize] [--distill 0.5]
 
 runs the whole row (ADTN and SVD at its budget) once per depth M (into
-runs/adtn/depth/<model>_M<M>[_e<epochs>][_lr<rate>][_norm]_s<seed>, both
-sides trained at that learning rate; with ``--normalize`` the ADTN decode
-is normalized, ``adtn.normalize=True``; a finished ADTN run is read back,
+runs/adtn/depth/<model>_M<M>[_e<epochs>][_lr<rate>][_norm][_kd<w>]_s<seed>,
+both sides trained at that learning rate, and with ``--distill w``
+distilled from the baseline at that weight, ``finetune.distill_weight``;
+with ``--normalize`` the ADTN decode is normalized,
+``adtn.normalize=True``; a finished ADTN run is read back,
 its SVD side redone unless the sweep holds one with the same budget and
 training, e.g. from the same row without ``--normalize``) and records the
 rows under ``"_depth_sweep"`` in docs/results_adtn.json; the other rows are
@@ -126,12 +128,13 @@ def _record(key, value):
 
 
 def row_overrides(key, seed, *, depth=None, train_epochs=None,
-                  train_lr=None, normalize=False, **fit):
+                  train_lr=None, normalize=False, distill=0.0, **fit):
   """The train.py config fields of one row.
 
-  ``depth``, ``train_epochs`` and ``train_lr`` (None: the row's SETTINGS)
-  and ``normalize`` (the normalized decode) are the depth sweep's; ``fit``
-  overrides FIT_*.
+  ``depth``, ``train_epochs`` and ``train_lr`` (None: the row's SETTINGS),
+  ``normalize`` (the normalized decode) and ``distill`` (the weight of the
+  distillation from the baseline) are the depth sweep's; ``fit`` overrides
+  FIT_*.
   """
   s = SETTINGS[key]
   overrides = {'pipeline': 'adtn', 'seed': seed,
@@ -154,6 +157,8 @@ def row_overrides(key, seed, *, depth=None, train_epochs=None,
     overrides['adtn.share'] = True
   if normalize:
     overrides['adtn.normalize'] = True
+  if distill:
+    overrides['finetune.distill_weight'] = distill
   if s.get('pretrained'):
     if not os.path.isdir(os.path.join(ROOT, s['pretrained'])):
       raise SystemExit(f'{key}: no baseline at {s["pretrained"]}; train '
@@ -303,7 +308,8 @@ def run_row(key, seed, workdir, overrides, *, reuse=False, old=None):
     state, _ = loop.train(pipelines.finetune_config(config),
                           workdir + '_svd', dataset=dataset,
                           variables=svd, stage_name='svd_finetune',
-                          model=model)
+                          model=model,
+                          distill=pipelines.distillation(config, base))
     svd_after = jobs.evaluate_variables(model, state.variables,
                                         dataset)['accuracy']
   return {
@@ -312,6 +318,7 @@ def run_row(key, seed, workdir, overrides, *, reuse=False, old=None):
       'train_epochs': overrides['finetune.num_epochs'],
       'train_lr': overrides['finetune.learning_rate'],
       'normalize': bool(overrides.get('adtn.normalize', False)),
+      'distill_weight': overrides.get('finetune.distill_weight', 0.0),
       'shared': bool(s.get('share')),
       'dense_params': dense_params, 'adtn_params': adtn_params,
       'rel_error': {p: d['rel_error'] for p, d in encoded.items()},
@@ -349,14 +356,15 @@ def kernel_norms(workdir):
 
 
 def depth_workdir(root, key, depth, seed, train_epochs=None, train_lr=None,
-                  normalize=False):
-  """``<root>/depth/<key>_M<depth>[_e<epochs>][_lr<rate>][_norm]_s<seed>``.
-  """
+                  normalize=False, distill=0.0):
+  """``<root>/depth/<key>_M<depth>[_e<epochs>][_lr<rate>][_norm][_kd<w>]
+  _s<seed>``."""
   epochs = '' if train_epochs is None else f'_e{train_epochs}'
   rate = '' if train_lr is None else f'_lr{train_lr:g}'
   norm = '_norm' if normalize else ''
+  kd = f'_kd{distill:g}' if distill else ''
   return os.path.join(root, 'depth',
-                      f'{key}_M{depth}{epochs}{rate}{norm}_s{seed}')
+                      f'{key}_M{depth}{epochs}{rate}{norm}{kd}_s{seed}')
 
 
 def default_train_lr(key):
@@ -374,7 +382,7 @@ def _sweep_ident(x, *, decode=True):
   """What tells sweep rows apart (``decode``: the normalized decode too;
   without it, the rows whose SVD sides are the same)."""
   ident = (x['key'], x['depth'], x.get('train_epochs'), train_lr_of(x),
-           x['seed'])
+           x.get('distill_weight', 0.0), x['seed'])
   return ident + (bool(x.get('normalize')),) if decode else ident
 
 
@@ -386,9 +394,11 @@ def merge_sweep_row(runs, row):
 
 def svd_twin(runs, key, depth, seed, overrides):
   """A recorded sweep row with the same SVD side as the row about to run
-  (same key, depth, epochs, rate and seed; either decode), or None."""
+  (same key, depth, epochs, rate, distillation and seed; either decode), or
+  None."""
   want = (key, depth, overrides['finetune.num_epochs'],
-          overrides['finetune.learning_rate'], seed)
+          overrides['finetune.learning_rate'],
+          overrides.get('finetune.distill_weight', 0.0), seed)
   return next((x for x in runs if _sweep_ident(x, decode=False) == want),
               None)
 
@@ -403,15 +413,15 @@ def _sweep_runs():
 
 
 def depth_sweep(keys, depths, *, seed, root, train_epochs=None,
-                train_lr=None, normalize=False):
+                train_lr=None, normalize=False, distill=0.0):
   """Whole rows (ADTN + SVD) per depth; into ``"_depth_sweep"``."""
   for key in keys:
     for depth in depths:
       workdir = depth_workdir(root, key, depth, seed, train_epochs, train_lr,
-                              normalize)
+                              normalize, distill)
       overrides = row_overrides(key, seed, depth=depth,
                                 train_epochs=train_epochs, train_lr=train_lr,
-                                normalize=normalize)
+                                normalize=normalize, distill=distill)
       # Long sweep runs checkpoint as they go, so a killed one resumes
       # (bookkeeping: the results do not depend on it).
       overrides['checkpoint_every_steps'] = SWEEP_CHECKPOINT_STEPS
@@ -445,13 +455,19 @@ def main():
   parser.add_argument('--normalize', action='store_true', default=None,
                       help='depth sweep with the normalized ADTN decode '
                            '(adtn.normalize=True)')
+  parser.add_argument('--distill', type=float, metavar='W',
+                      help='depth sweep distilled from the baseline at '
+                           'this weight (finetune.distill_weight; both '
+                           'sides)')
   args = parser.parse_args()
-  for flag in ('train_epochs', 'train_lr', 'normalize'):
+  for flag in ('train_epochs', 'train_lr', 'normalize', 'distill'):
     if getattr(args, flag) is not None and not args.depth_sweep:
       parser.error(f'--{flag.replace("_", "-")} is an option of '
                    '--depth-sweep')
   if args.train_lr is not None and not args.train_lr > 0:
     parser.error(f'--train-lr {args.train_lr}: must be > 0')
+  if args.distill is not None and not 0 < args.distill <= 1:
+    parser.error(f'--distill {args.distill}: must be in (0, 1]')
 
   from configs import default  # noqa: F401  (configs importable)
 
@@ -461,7 +477,8 @@ def main():
   if args.depth_sweep:
     depth_sweep(args.models or ['fc2'], args.depth_sweep, seed=args.seed,
                 root=args.root, train_epochs=args.train_epochs,
-                train_lr=args.train_lr, normalize=bool(args.normalize))
+                train_lr=args.train_lr, normalize=bool(args.normalize),
+                distill=args.distill or 0.0)
     return
   results = {}
   if os.path.exists(RESULTS_JSON):

@@ -265,35 +265,88 @@ def _long_finetune_groups(rows):
           if k[0].split('_ft')[0] in PIPELINES and '_ft' in k[0]}
 
 
-def long_finetune(rows, model):
+def long_finetune(rows, model, intro=True):
   """Lines of the longer fine-tuning rows against the plain rows at the
-  same target: the same split, only the fine-tuning epochs differ."""
+  same target: the same split, only the fine-tuning epochs differ (with
+  ``intro``, under a heading and its text)."""
   g = _long_finetune_groups(rows)
   if not g:
     return []
   plain = groups(rows)
-  out = ['', '### Longer fine-tuning', '',
-         'The same splits as the rows above (direct from the same dense '
-         'baseline, he2024 from the same collapsed network, same ranks), '
-         'fine-tuned for more epochs at the same peak learning rate and '
-         'schedule shape: does the gap to the dense baseline close with '
-         'fine-tuning, or is it the capacity of the split network? '
-         f'`python bench/results.py --models {model} --finetune-epochs N '
-         '--targets T --pipelines he2024 direct --seeds 0 1`.', '',
-         '| target | pipeline | fine-tuning epochs | seeds | dense baseline '
-         "| final | same split, schedule's epochs | longer − schedule's |",
-         '|---|---|---|---|---|---|---|---|']
+  out = []
+  if intro:
+    out += ['', '### Longer fine-tuning', '',
+            'The same splits as the rows above (direct from the same dense '
+            'baseline, he2024 from the same collapsed network, same ranks), '
+            'fine-tuned for more epochs at the same peak learning rate and '
+            'schedule shape: does the gap to the dense baseline close with '
+            'fine-tuning, or is it the capacity of the split network? '
+            f'`python bench/results.py --models {model} --finetune-epochs N '
+            '--targets T --pipelines he2024 direct --seeds 0 1`.']
+  out += ['',
+          '| target | pipeline | fine-tuning epochs | seeds | dense baseline '
+          "| final | same split, schedule's epochs | longer − schedule's |",
+          '|---|---|---|---|---|---|---|---|']
   for (label, target), rs in sorted(g.items(), key=lambda kv: kv[0][::-1]):
     base = plain.get((label.split('_ft')[0], target), [])
     same = [b for b in base if b['seed'] in {r['seed'] for r in rs}]
     gain = (compare(label, _by_seed(rs), 'schedule', _by_seed(same))[0]
             if same else 'no plain row')
-    out.append(f'| {target:g}× | {label.split("_ft")[0]} | '
+    kd = rs[0].get('distill_weight')
+    out.append(f'| {target:g}× | {label.split("_ft")[0]}'
+               + (f', distilled ({kd:g})' if kd else '') + ' | '
                f'{rs[0].get("finetune_epochs", "?")} | {_seeds(rs)} | '
                f'{pct([r.get("baseline_acc") for r in rs])} | '
                f'**{pct([r["final_acc"] for r in rs])}** | '
                f'{pct([b["final_acc"] for b in same])} | {gain} |')
+  return out + _distilled_vs_not(g)
+
+
+def _distilled_vs_not(g):
+  """Lines comparing each distilled group (``..._kd<w>``) with the group
+  fine-tuned as long without distillation, where both exist."""
+  out = []
+  for (label, target), rs in sorted(g.items(), key=lambda kv: kv[0][::-1]):
+    plain = g.get((label.split('_kd')[0], target))
+    if '_kd' not in label or not plain:
+      continue
+    text, _ = compare(label, _by_seed(rs), label.split('_kd')[0],
+                      _by_seed(plain))
+    out += ['', f'Distilled from the network before the split (weight '
+            f'{rs[0]["distill_weight"]:g}, temperature 4) against the same '
+            f'fine-tuning without, at the {target:g}× target: {text}.']
   return out
+
+
+def distilled_section(rows, command):
+  """Lines of the distillation check (docs/results_distill.json): one
+  model's direct and he2024 rows at one target, trained again on one VM,
+  and that split fine-tuned longer with and without distillation;
+  ``command`` made the base rows."""
+  if not rows:
+    return []
+  model = rows[0]['model']
+  out = ['', f'### Distillation on a split of {model}', '',
+         'Does fine-tuning distilled from the network before the split '
+         '(`finetune.distill_weight`, temperature 4) close the gap? The '
+         'dense baseline and the he2024 network of the seed below trained '
+         'again on one VM (training differs across CPUs, so these rows are '
+         'compared only with each other), split at the same target, then '
+         'fine-tuned for the schedule\'s epochs, for longer, and for longer '
+         f'distilled: `{command}`, then the same with `--finetune-epochs N '
+         '--pipelines he2024` and `--distill W`.']
+  out += long_finetune(rows, model, intro=False)
+  return out + ['', goal_half_point(rows)[0].replace(
+      'with the best pipeline', 'with the best of these rows')]
+
+
+def long_label(pipeline):
+  """'he2024, fine-tuned 10 epochs[, distilled (0.5)]' for a longer
+  fine-tuning row's pipeline (``he2024_ft10[_kd0.5]``)."""
+  base, _, rest = pipeline.partition('_ft')
+  epochs, _, kd = rest.partition('_kd')
+  return (f'{base}, fine-tuned {epochs} epochs'
+          + (f', distilled ({kd})' if kd else ''))
 
 def _label(pipeline, target):
   return f'{pipeline} at the {target:g}× target' if target else pipeline
@@ -369,8 +422,7 @@ def plot_frontier(rows, model, path):
     y = [statistics.mean(a) for _, a in pts]
     err = [[m - min(a) for m, (_, a) in zip(y, pts)],
            [max(a) - m for m, (_, a) in zip(y, pts)]]
-    label = LABELS.get(p, p.replace('_ft', ', fine-tuned ') +
-                       (' epochs' if '_ft' in p else ''))
+    label = LABELS.get(p, long_label(p) if '_ft' in p else p)
     ax.errorbar(x, y, yerr=err, fmt=styles.get(p, '*'), color=f'C{i}',
                 capsize=3, ms=6 if p in longer else 4, lw=1, label=label)
     xs += x

@@ -19,6 +19,7 @@ import subprocess
 import hostinfo
 import results as results_settings
 import results_adtn as adtn_settings
+import results_rows
 import write_frontier_md
 from write_frontier_md import pct as _pct
 from write_frontier_md import ratios as _ratio
@@ -156,18 +157,21 @@ def _gpu_sections(rows):
 
 
 def _sweep_order(x):
-  return (x['key'], bool(x.get('normalize')), x['train_epochs'],
-          adtn_settings.train_lr_of(x), x['depth'])
+  return (x['key'], bool(x.get('normalize')), x.get('distill_weight', 0.0),
+          x['train_epochs'], adtn_settings.train_lr_of(x), x['depth'])
 
 
 def _sweep_label(x):
   """'M=4 24 epochs', with ' at lr 0.01' where the rate is not the
-  row's default and ' normalized' for the normalized decode."""
+  row's default, ' normalized' for the normalized decode and ' distilled
+  (0.5)' for training distilled from the baseline at that weight."""
   lr = adtn_settings.train_lr_of(x)
+  kd = x.get('distill_weight', 0.0)
   return (f'M={x["depth"]} {x["train_epochs"]} epochs'
           + ('' if lr == adtn_settings.default_train_lr(x['key'])
              else f' at lr {lr:g}')
-          + (' normalized' if x.get('normalize') else ''))
+          + (' normalized' if x.get('normalize') else '')
+          + (f' distilled ({kd:g})' if kd else ''))
 
 
 def _collapsed_note(key, runs, factor=pipelines.COLLAPSE_FACTOR):
@@ -218,10 +222,12 @@ def adtn_depth_sweep(sweep, rows=None):
          'more capacity? Whole rows (ADTN and SVD at its budget, same '
          'baseline and initial fit as the rows above) at larger depths M, '
          'with more end-to-end epochs, at another peak learning rate '
-         '(lr, both sides) or with the normalized decode (decode: '
+         '(lr, both sides), with the normalized decode (decode: '
          '"normalized", `adtn.normalize=True`: the decoded entries divided '
          'by their norm, so the kernel\'s norm is the learned scale\'s and '
-         'cannot collapse with the gates\' product; "plain" otherwise); '
+         'cannot collapse with the gates\' product; "plain" otherwise) or '
+         'distilled from the baseline (decode "+ distilled (w)", both '
+         'sides: `finetune.distill_weight=w`, temperature 4); '
          'one seed each; '
          'parameters of the encoded layers without their biases (which '
          'neither form changes), SVD at the smallest rank whose factors are '
@@ -241,7 +247,9 @@ def adtn_depth_sweep(sweep, rows=None):
         f'| {x["key"]}{" (row above)" if x.get("reference") else ""} | '
         f'{x["depth"]} | {x["train_epochs"]} | '
         f'{adtn_settings.train_lr_of(x):g} | '
-        f'{"normalized" if x.get("normalize") else "plain"} | '
+        f'{"normalized" if x.get("normalize") else "plain"}'
+        + (f' + distilled ({x["distill_weight"]:g})'
+           if x.get('distill_weight') else '') + ' | '
         f'{x["adtn_params"]:,} ({x["dense_params"]:,}) | '
         f'{_pct([x["baseline_acc"]])} | '
         f'{_pct([x["adtn_after_encode_acc"]])} → '
@@ -293,6 +301,8 @@ def adtn_depth_sweep(sweep, rows=None):
       extra += f' --train-lr {lr:g}'
     if x.get('normalize'):
       extra += ' --normalize'
+    if x.get('distill_weight'):
+      extra += f' --distill {x["distill_weight"]:g}'
     commands.setdefault((x['key'], extra), []).append(str(x['depth']))
   out += ['', 'Made by ' + '; '.join(
       f'`python bench/results_adtn.py --depth-sweep {" ".join(d)} '
@@ -303,6 +313,33 @@ def adtn_depth_sweep(sweep, rows=None):
            else 'then the SVD side')
     out.append(f'* `{x["key"]}` {_sweep_label(x)} '
                f'({x["run_s"]:.0f} s, {svd}): `{_portable(x["command"])}`')
+  return out
+
+
+def _distill_lines(path):
+  """The distillation check's section and runs, from ``path`` (rows of
+  bench/results.py ``--results docs/results_distill.json``), if any."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = json.load(f)
+  base = [r for r in rows.values() if r['pipeline'] in ('direct', 'he2024')]
+  if not base:
+    return []
+  root = os.path.dirname(results_rows.workdir_of(base[0]))
+  command = (
+      f'python bench/results.py --models {base[0]["model"]} --seeds '
+      + ' '.join(str(x) for x in sorted({r['seed'] for r in base}))
+      + ' --targets ' + ' '.join(f'{t:g}' for t in sorted(
+          {r['target'] for r in base}))
+      + ' --pipelines direct he2024 --root '
+      + os.path.relpath(root, results_rows.ROOT)
+      + ' --results docs/results_distill.json')
+  out = write_frontier_md.distilled_section(list(rows.values()), command)
+  out += ['', 'Its runs:', '']
+  for key, r in rows.items():
+    secs = r.get('wall_s', r['run_s'])
+    out.append(f'* `{key}` ({secs:.0f} s): `{_portable(r["command"])}`')
   return out
 
 
@@ -326,8 +363,11 @@ def main():
          'accuracy in %. Written by `python bench/write_results_md.py` from '
          'the reports of the runs below; each run\'s exact command is listed '
          'under the tables.', '',
-         f'Machine: {machine()}. No GPU was lent to this session, so only '
-         'the CPU schedules were run.', '',
+         f'Page written on: {machine()}. The runs are those of several '
+         'sessions, each on a 2-core CPU VM: AMD EPYC VMs at first, '
+         'an Intel Xeon VM since 2026-12-07 (the training is not bitwise '
+         'equal across CPUs). No GPU was lent, so only the CPU schedules '
+         'were run.', '',
          '**CPU budget.** The whole table must run within 90 minutes on 2 '
          'cores, so epochs are few and ResNet-20 / VGG-16 train on subsets '
          '(settings in `bench/results.py`: ' + '; '.join(
@@ -359,6 +399,7 @@ def main():
                r.get('device')}
   out += _verdict(rows, models, goal_rows)
   out += write_frontier_md.section(all_rows, results_settings.SETTINGS, DOCS)
+  out += _distill_lines(os.path.join(DOCS, 'results_distill.json'))
   out += _gpu_sections(all_rows)
   missing = [m for m in ('lenet5', 'resnet20', 'vgg16') if m not in models]
   if missing:

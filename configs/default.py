@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.finetune.num_epochs = 5  # Fine-tuning epochs.
   config.finetune.learning_rate = 0.01  # Peak learning rate of fine-tuning.
   config.finetune.warmup_epochs = 0.0  # No warm-up when fine-tuning.
+  # Distillation from the network before compression (0: off; 1: only it).
+  config.finetune.distill_weight = 0.0  # Weight of the distillation loss.
+  config.finetune.distill_temperature = 4.0  # Softmax temperature T.
 
   # He et al. 2024: over-parameterization and the orthogonality penalty.
   config.he2024 = ml_collections.ConfigDict()

@@ -3,7 +3,9 @@
 import itertools
 import json
 import os
+import re
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -285,6 +287,10 @@ def test_a_killed_job_resumes_at_its_stage_and_step(tmp_path, monkeypatch,
      "compress.pretrained='/nonexistent/ckpt': no saved variables"),
     ('compress.recalibrate_batches', -1,
      'compress.recalibrate_batches=-1 must be an integer >= 0'),
+    ('finetune.distill_weight', 1.5,
+     'finetune.distill_weight=1.5 must be a number in [0, 1]'),
+    ('finetune.distill_temperature', 0.0,
+     'finetune.distill_temperature=0.0 must be a finite number > 0'),
 ])
 def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
                                       monkeypatch):
@@ -293,8 +299,7 @@ def test_bad_configs_fail_at_start_up(tmp_path, field, value, message,
   config[group][key] = value
   monkeypatch.setattr(loop, 'train', lambda *a, **k: pytest.fail(
       'training started'))
-  with pytest.raises(errors.ConfigError, match=message.replace(
-      '(', r'\(').replace('.', r'\.')):
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
     pipelines.run_musco(config, str(tmp_path))
 
 
@@ -325,6 +330,44 @@ def test_compress_stage_recalibrates_batch_norm_on_the_first_batches(
                jax.device_get(out), jax.device_get(want))
   assert not np.allclose(out['batch_stats']['bn2_1']['mean'],
                          split['batch_stats']['bn2_1']['mean'])
+
+
+@pytest.mark.parametrize('pipeline', ['direct', 'musco', 'adtn'])
+def test_finetuning_distills_from_the_network_before_compression(
+    tmp_path, pipeline, monkeypatch):
+  """finetune.distill_weight > 0: every fine-tuning stage trains with the
+  baseline as its teacher; 0 (the default) passes no teacher (one
+  function, pipelines.distillation, decides for every pipeline)."""
+  config = _config(pipeline, select='conv2|fc1', min_rank_kxk=2,
+                   min_rank_dense=2)
+  _planted_lenet(tmp_path / 'pretrained')
+  config.compress.pretrained = str(tmp_path / 'pretrained')
+  config.musco.weaken = 0.5
+  config.adtn.fit_steps = 10
+  config.finetune.distill_weight = 0.7
+  config.finetune.distill_temperature = 3.0
+  calls = []
+
+  def fake_train(config, workdir, *, variables, stage_name, distill=None,
+                 **kwargs):
+    del config, workdir, kwargs
+    calls.append((stage_name, distill))
+    return types.SimpleNamespace(variables=variables), []
+
+  monkeypatch.setattr(loop, 'train', fake_train)
+  monkeypatch.setattr(jobs.Job, 'export', lambda *a, **k: None)
+  pipelines.PIPELINES[pipeline](config, str(tmp_path / pipeline))
+  baseline = checkpoint.load_variables(str(tmp_path / 'pretrained'))
+  assert calls
+  for name, distill in calls:
+    assert (distill.weight, distill.temperature) == (0.7, 3.0), name
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.device_get(distill.teacher), jax.device_get(baseline))
+  if pipeline == 'direct':
+    config.finetune.distill_weight = 0.0
+    calls.clear()
+    pipelines.PIPELINES[pipeline](config, str(tmp_path / 'plain'))
+    assert calls and all(d is None for _, d in calls)
 
 
 def test_vgg16_adtn_config_switches_the_decode_stage_to_clipped_adam():

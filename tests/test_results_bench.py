@@ -175,9 +175,30 @@ def test_long_finetune_rows_start_from_the_plain_rows_stages(
   assert row_['baseline_acc'] == 0.93   # the same seed's direct baseline
 
 
+def test_distilled_long_finetune_rows_are_their_own_rows(tmp_path,
+                                                         monkeypatch):
+  os.makedirs(tmp_path / 'vgg7b_he2024_s0' / 'stages' / 'collapse')
+  calls = []
+  monkeypatch.setattr(results, 'run', fake_runner(calls, he2024_report))
+  results.main(['--models', 'vgg7b', '--finetune-epochs', '10', '--targets',
+                '4', '--seeds', '0', '--pipelines', 'he2024', '--distill',
+                '0.5', '--root', str(tmp_path), '--results',
+                str(tmp_path / 'results.json')])
+  (args,) = calls
+  assert '--config.finetune.distill_weight=0.5' in args
+  assert f'--workdir={tmp_path}/vgg7b_he2024_ft10_kd0.5_s0_4x' in args
+  rows = json.loads((tmp_path / 'results.json').read_text())
+  row_ = rows['vgg7b/he2024_ft10_kd0.5@4x/0']
+  assert (row_['pipeline'], row_['distill_weight']) == ('he2024_ft10_kd0.5',
+                                                        0.5)
+
+
 @pytest.mark.parametrize('argv,message', [
     (['--finetune-epochs', '0'], '--finetune-epochs 0: must be >= 1'),
-    (['--finetune-epochs', '5', '--ablation'], 'give one of them')])
+    (['--finetune-epochs', '5', '--ablation'], 'give one of them'),
+    (['--distill', '0.5'], '--distill 0.5: a weight in (0, 1] for the '
+     '--finetune-epochs rows'),
+    (['--finetune-epochs', '5', '--distill', '2'], '--distill 2.0')])
 def test_long_finetune_bad_flags_are_refused(tmp_path, capsys, argv, message):
   with pytest.raises(SystemExit):
     results.main(['--models', 'vgg7b', '--root', str(tmp_path), '--dry-run']
@@ -265,6 +286,8 @@ def test_section_writes_the_frontier_png_and_tables(tmp_path):
                                             ratio=1.7),
       row('direct_uniform', 0, 0.905, ratio=1.7, target=1.7),
       dict(row('he2024_ft10', 0, 0.929, target=4.0), finetune_epochs=10),
+      dict(row('he2024_ft10_kd0.5', 0, 0.9305, target=4.0),
+           finetune_epochs=10, distill_weight=0.5),
       dict(row('direct', 0, 0.5, target=4.0), device='GPU')])}   # not CPU
   lines = frontier.section(rows, results.SETTINGS, str(tmp_path))
   text = '\n'.join(lines)
@@ -276,7 +299,13 @@ def test_section_writes_the_frontier_png_and_tables(tmp_path):
   assert 'One seed so far' in text and 'he2024 at the 2× target' in text
   assert ('| 4× | he2024 | 10 | 0 | 93.20 | **92.90** | 92.70 | +0.20 points '
           '(he2024_ft10 − schedule; per seed 0: +0.20; one seed') in text
-  assert 'he2024_ft10 at the 4× target' in text   # the best at >= 4x
+  assert ('| 4× | he2024, distilled (0.5) | 10 | 0 | 93.20 | **93.05** | '
+          '92.70 |') in text
+  assert ('temperature 4) against the same fine-tuning without, at the 4× '
+          'target: +0.15 points (he2024_ft10_kd0.5 − he2024_ft10') in text
+  assert 'he2024_ft10_kd0.5 at the 4× target' in text   # the best at >= 4x
+  assert frontier.long_label('he2024_ft10_kd0.5') == (
+      'he2024, fine-tuned 10 epochs, distilled (0.5)')
   assert results_rows.row_name('vgg7b', 'direct_uniform@evbmf', 0, {})[1] == (
       'vgg7b_direct_uniform_evbmf_s0')
 
@@ -346,6 +375,43 @@ def test_adtn_sweep_rows_at_another_learning_rate_are_their_own_rows(
   assert '| 24 | 0.003 | plain |' in text and '| 24 | 0.01 | plain |' in text
   assert 'closest M=4 24 epochs at lr 0.01: 86.00%' in text
   assert '--depth-sweep 4 --models fc2 --train-epochs 24 --train-lr 0.01' in (
+      text)
+
+
+def test_adtn_distilled_sweep_rows_are_their_own_rows(tmp_path, monkeypatch,
+                                                     adtn_root):
+  """--distill w: one more field, its own workdir and row, its own SVD side
+  (distilled too), and a label and command that say so."""
+  del adtn_root
+  plain = results_adtn.row_overrides('fc2', 0, depth=8, train_epochs=24)
+  kd = results_adtn.row_overrides('fc2', 0, depth=8, train_epochs=24,
+                                  distill=0.5)
+  assert kd == dict(plain, **{'finetune.distill_weight': 0.5})
+  assert results_adtn.depth_workdir(
+      'r', 'fc2', 8, 0, 24, 0.01, False, 0.5) == os.path.join(
+          'r', 'depth', 'fc2_M8_e24_lr0.01_kd0.5_s0')
+  old = sweep_row(8, 0.86, epochs=24)
+  path = tmp_path / 'results_adtn.json'
+  path.write_text(json.dumps({'_depth_sweep': {'runs': [old]}}))
+  monkeypatch.setattr(results_adtn, 'RESULTS_JSON', str(path))
+  olds = []
+  def fake_row(key, seed, workdir, overrides, *, reuse=False, old=None):
+    del key, seed, workdir, reuse
+    olds.append(old)
+    return dict(sweep_row(8, 0.885, epochs=24), distill_weight=overrides[
+        'finetune.distill_weight'])
+  monkeypatch.setattr(results_adtn, 'run_row', fake_row)
+  results_adtn.depth_sweep(['fc2'], [8], seed=0, root='r', train_epochs=24,
+                           distill=0.5)
+  assert olds == [None]          # the plain row's SVD side is not distilled
+  runs = json.loads(path.read_text())['_depth_sweep']['runs']
+  assert len(runs) == 2
+  text = '\n'.join(write_results_md.adtn_depth_sweep({'runs': runs}))
+  assert '| fc2 | 8 | 24 | 0.003 | plain + distilled (0.5) | ' in text
+  assert '| fc2 | 8 | 24 | 0.003 | plain | ' in text
+  assert ('within 0.5 points of its baseline at M=8 24 epochs distilled '
+          '(0.5): 88.50%') in text
+  assert '--depth-sweep 8 --models fc2 --train-epochs 24 --distill 0.5`' in (
       text)
 
 
@@ -479,3 +545,36 @@ def test_adtn_depth_sweep_table_states_the_half_point_goal(finals, verdict):
   assert '| 8 (8,320) | 20.00 → **87.00** | 600 s |' in text
   assert '`python bench/results_adtn.py --depth-sweep 8 16 --models fc2`' in (
       text)
+
+
+def test_distillation_check_has_its_own_section_and_runs(tmp_path):
+  """docs/results_distill.json: the rows of one VM's seed, compared only
+  with each other, with the goal computed on them and their commands."""
+  def with_command(r, name):
+    return dict(r, command=f'python train.py --workdir=runs/vm/{name}')
+  rows = {
+      'vgg7b/direct/0': with_command(
+          row('direct', 0, 0.915, target=4.0, base=0.931), 'd'),
+      'vgg7b/he2024/0': with_command(
+          row('he2024', 0, 0.918, target=4.0, base=0.931), 'h'),
+      'vgg7b/he2024_ft10@4x/0': with_command(dict(
+          row('he2024_ft10', 0, 0.924, target=4.0, base=0.931),
+          finetune_epochs=10), 'h10'),
+      'vgg7b/he2024_ft10_kd0.5@4x/0': with_command(dict(
+          row('he2024_ft10_kd0.5', 0, 0.927, target=4.0, base=0.931),
+          finetune_epochs=10, distill_weight=0.5), 'h10kd')}
+  path = tmp_path / 'results_distill.json'
+  path.write_text(json.dumps(rows))
+  lines = write_results_md._distill_lines  # pylint: disable=protected-access
+  text = '\n'.join(lines(str(path)))
+  assert '### Distillation on a split of vgg7b' in text
+  assert ('`python bench/results.py --models vgg7b --seeds 0 --targets 4 '
+          '--pipelines direct he2024 --root runs/vm --results '
+          'docs/results_distill.json`') in text
+  assert ('| 4× | he2024, distilled (0.5) | 10 | 0 | 93.10 | **92.70** | '
+          '91.80 |') in text
+  assert '+0.30 points (he2024_ft10_kd0.5 − he2024_ft10' in text
+  assert ('with the best of these rows, on a ≥ 93% baseline: met.** Best '
+          'at ≥ 4×: he2024_ft10_kd0.5 at the 4× target') in text
+  assert '* `vgg7b/he2024_ft10_kd0.5@4x/0` (1 s): `python train.py' in text
+  assert lines(str(tmp_path / 'none.json')) == []

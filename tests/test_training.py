@@ -133,6 +133,57 @@ def test_penalty_plugs_in_and_step_does_not_retrace(dataset):
   assert with_penalty._cache_size() == 1
 
 
+def test_distillation_loss_is_scaled_kl_to_the_teacher():
+  rng = np.random.default_rng(0)
+  logits, teacher = rng.normal(size=(2, 8, 10)).astype(np.float32) * 3
+  t = 4.0
+  p = np.exp(teacher / t) / np.exp(teacher / t).sum(-1, keepdims=True)
+  q = np.exp(logits / t) / np.exp(logits / t).sum(-1, keepdims=True)
+  want = t * t * np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
+  np.testing.assert_allclose(
+      float(steps.distillation_loss(logits, teacher, t)), want, rtol=1e-5)
+  assert float(steps.distillation_loss(teacher, teacher, t)) == (
+      pytest.approx(0, abs=1e-6))
+
+
+def test_distilled_step_mixes_the_teacher_loss(dataset):
+  """The loss is (1 - w) CE + w T^2 KL to the teacher, run in evaluation
+  mode (here split, with running BatchNorm statistics that are not the
+  batch's)."""
+  model = get_model('vgg7b')
+  config = make_config(schedule='constant')
+  student = state_lib.init_variables(model, (1, 28, 28, 1),
+                                     jax.random.PRNGKey(0))
+  teacher = state_lib.init_variables(model, (1, 28, 28, 1),
+                                     jax.random.PRNGKey(1))
+  teacher = tucker2_split(teacher, 4, select=r'conv2_2')
+  teacher['batch_stats']['bn1_1']['mean'] += 0.5
+  state = state_lib.create_train_state(config, model, student,
+                                       (1, 28, 28, 1), jax.random.PRNGKey(0))
+  mesh = sharding.make_mesh()
+  batch = sharding.shard_batch(_batch(dataset), mesh)
+  weight, t = 0.25, 2.0
+  step = steps.make_train_step(
+      model, distill=steps.Distillation(teacher, weight, t), donate=False)
+  _, m = step(state, batch)
+  images, labels = batch
+  logits, _ = lj.apply(model, state.variables, images, train=True,
+                       mutable=['batch_stats'])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  kd = steps.distillation_loss(
+      logits, lj.apply(model, teacher, images, train=False), t)
+  np.testing.assert_allclose(float(m['ce']), float(ce), rtol=1e-5)
+  np.testing.assert_allclose(float(m['distill']), float(kd), rtol=1e-4)
+  assert float(kd) > 0.01
+  np.testing.assert_allclose(float(m['loss']),
+                             (1 - weight) * float(ce) + weight * float(kd),
+                             rtol=1e-4)
+  plain = steps.make_train_step(model, donate=False)
+  _, m_plain = plain(state, batch)
+  assert 'distill' not in m_plain
+  np.testing.assert_allclose(float(m_plain['loss']), float(ce), rtol=1e-5)
+
+
 def test_checkpoint_and_variables_round_trip(dataset, tmp_path):
   model = get_model('lenet5')
   config = make_config(schedule='constant')

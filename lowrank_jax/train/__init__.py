@@ -16,7 +16,8 @@ imports it.
 * :mod:`~lowrank_jax.train.sharding`: ``make_mesh``, ``replicated``,
   ``batch_sharding``, ``shard_batch``.
 * :mod:`~lowrank_jax.train.steps`: ``make_train_step``, ``make_eval_step``,
-  ``evaluate``.
+  ``evaluate``, ``Distillation`` and ``distillation_loss`` (a teacher's
+  loss mixed into the step's).
 * :mod:`~lowrank_jax.train.checkpoint`: ``open_checkpoint_manager``,
   ``save_checkpoint``, ``restore_checkpoint``, ``checkpoint_steps``,
   ``save_variables``, ``load_variables``.
@@ -35,7 +36,8 @@ imports it.
   ``min_rank_of``.
 * :mod:`~lowrank_jax.train.pipelines`: the jobs ``run_direct``,
   ``run_he2024``, ``run_musco``, ``run_adtn`` (``PIPELINES``) and their
-  stages ``choose_ranks``, ``compress``, ``finetune_config``, and
+  stages ``choose_ranks``, ``compress``, ``finetune_config``,
+  ``distillation`` (the fine-tuning's teacher), and
   ``adtn_collapse`` (the ADTN layers whose kernels vanished in training).
 
 Data parallelism (one mesh axis ``'data'``, batches sharded, state

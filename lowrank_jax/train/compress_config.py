@@ -1,17 +1,19 @@
 """The compression fields of a training config: the layers they select and
 their checks.
 
-:func:`validate` checks ``config.compress`` and the running pipeline's own
-fields (``he2024``, ``musco``, ``adtn``) before any training time is spent,
-every error in one :class:`~lowrank_jax.train.errors.ConfigError`, and, given
-the model, resolves the selection rules and the FLOP / parameter target
-against its layers. :func:`selection_rules` and :func:`min_rank_of` turn the
+:func:`validate` checks ``config.compress``, the running pipeline's own
+fields (``he2024``, ``musco``, ``adtn``) and the fine-tuning's distillation
+before any training time is spent, every error in one
+:class:`~lowrank_jax.train.errors.ConfigError`, and, given the model,
+resolves the selection rules and the FLOP / parameter target against its
+layers. :func:`selection_rules` and :func:`min_rank_of` turn the
 fields into the library's ``select`` and ``min_rank`` arguments. (The generic
 fields of a config are checked by :mod:`lowrank_jax.train.config_check`.)
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -82,6 +84,7 @@ def validate(config, *, model=None, input_shape=None) -> None:
   target resolved against the model's layers.
   """
   errors = (_rule_errors(config.compress) + _pipeline_errors(config)
+            + _distill_errors(config.get('finetune', {}))
             + _saved_variables_errors(config)
             + _regex_errors(config.compress))
   if errors:
@@ -119,6 +122,24 @@ def _rule_errors(c) -> list[str]:
     errors.append(f'compress.weaken={c.weaken} must be in (0, 1] for the '
                   'weakened_vbmf rule (0 would compress nothing)')
   return errors
+
+
+def _distill_errors(f) -> list[str]:
+  """Errors of finetune.distill_weight and finetune.distill_temperature."""
+  errors = []
+  weight = f.get('distill_weight', 0.0)
+  temperature = f.get('distill_temperature', 1.0)
+  if not _number(weight) or not 0 <= weight <= 1:
+    errors.append(f'finetune.distill_weight={weight!r} must be a number in '
+                  '[0, 1] (0: no distillation; 1: the teacher alone)')
+  if not _number(temperature) or not 0 < temperature < math.inf:
+    errors.append(f'finetune.distill_temperature={temperature!r} must be a '
+                  'finite number > 0')
+  return errors
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _pipeline_errors(config) -> list[str]:

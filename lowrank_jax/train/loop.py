@@ -43,7 +43,8 @@ from lowrank_jax.train.metrics import _MetricsLog, _progress_bar
 from lowrank_jax.train.optim import make_optimizer
 from lowrank_jax.train.sharding import make_mesh
 from lowrank_jax.train.state import PyTree, TrainState, create_train_state
-from lowrank_jax.train.steps import make_eval_step, make_train_step
+from lowrank_jax.train.steps import (Distillation, make_eval_step,
+                                     make_train_step)
 
 # The logger of the module this code came from, so logging filters that name
 # it keep working.
@@ -64,6 +65,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           variables: Optional[Mapping] = None,
           penalty_fn: Optional[Callable[[PyTree], jax.Array]] = None,
           penalty_weight: float = 1.0,
+          distill: Optional[Distillation] = None,
           stage_name: str = 'train',
           model: Optional[nn.Module] = None,
           checkpoint_dir: Optional[str] = None,
@@ -97,6 +99,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     penalty_fn: ``params -> scalar`` added to the loss (times
       ``penalty_weight``) and logged as 'penalty'.
     penalty_weight: weight of ``penalty_fn``.
+    distill: a teacher network to distill from (its loss is logged as
+      'distill'); e.g. the dense network a split was made from.
     stage_name: names the stage in rows, the progress bar and TensorBoard.
     model: the Flax module (default: ``get_model(config.model)``).
     checkpoint_dir: where checkpoints go (default
@@ -140,6 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       stopped_early=progress_lib.no_gain(val_accuracy, patience))
   train_step = make_train_step(model, penalty_fn=penalty_fn,
                                penalty_weight=penalty_weight,
+                               distill=distill,
                                learning_rate_fn=schedule, mesh=mesh)
   eval_step = make_eval_step(model, mesh=mesh)
   t_start = time.time()

@@ -6,7 +6,13 @@ at the stage and step a killed job reached, the report rewritten after every
 stage); :data:`PIPELINES` maps ``config.pipeline`` to its runner.
 
 Stages are importable for notebooks: :func:`choose_ranks`, :func:`compress`,
-:func:`finetune_config` (and :func:`lowrank_jax.train.jobs.evaluate_variables`).
+:func:`finetune_config`, :func:`distillation` (and
+:func:`lowrank_jax.train.jobs.evaluate_variables`).
+
+Every fine-tuning stage (and ADTN's end-to-end training) can distill from
+the network before compression (the baseline; he2024's collapsed network):
+``finetune.distill_weight`` > 0 mixes its softened outputs into the loss
+(:class:`lowrank_jax.train.steps.Distillation`).
 
 * ``direct``: train a baseline -> ranks -> split (Tucker-2 for k x k convs,
   SVD for dense / 1x1) -> fine-tune.
@@ -42,6 +48,7 @@ from lowrank_jax.train import compress_config
 from lowrank_jax.train import epochs
 from lowrank_jax.train import jobs
 from lowrank_jax.train import state as state_lib
+from lowrank_jax.train import steps
 
 # The training loop's logger (lowrank_jax.train.loop), so one filter covers
 # both.
@@ -149,6 +156,23 @@ def finetune_config(config, *, num_epochs: Optional[int] = None):
   return out
 
 
+def distillation(config, teacher) -> Optional[steps.Distillation]:
+  """The fine-tuning stage's distillation from ``teacher`` (the network
+  before compression), or None when ``finetune.distill_weight`` is 0."""
+  f = config.finetune
+  if not f.get('distill_weight'):
+    return None
+  return steps.Distillation(teacher, f.distill_weight,
+                            f.distill_temperature)
+
+
+def _finetune(job: jobs.Job, name: str, config, variables, teacher):
+  """Stage ``name``: ``config`` (a :func:`finetune_config`) trains
+  ``variables``, distilled from ``teacher`` when the config asks."""
+  return job.stage(name, lambda: job.train(
+      name, config, variables, distill=distillation(job.config, teacher)))
+
+
 # ----------------------------------------------------------------------------
 # The compression stage of a job.
 
@@ -211,10 +235,9 @@ def recalibrate(job: jobs.Job, variables, num_batches: int):
 def run_direct(config, workdir: str) -> dict:
   """Baseline -> ranks -> split -> fine-tune."""
   job = jobs.Job(config, workdir, 'direct')
-  variables = job.baseline()
-  variables = _compress_stage(job, 'compress', variables)
-  job.stage('finetune', lambda: job.train('finetune', finetune_config(config),
-                                          variables))
+  baseline = job.baseline()
+  variables = _compress_stage(job, 'compress', baseline)
+  _finetune(job, 'finetune', finetune_config(config), variables, baseline)
   return job.finish()
 
 
@@ -253,9 +276,9 @@ def run_he2024(config, workdir: str) -> dict:
         penalty_weight=h.penalty_weight))
     variables = job.stage('collapse', lambda: (
         transforms.collapse(variables), {}))
-  variables = _compress_stage(job, 'compress', variables)
-  job.stage('finetune', lambda: job.train('finetune', finetune_config(config),
-                                          variables))
+  dense = variables
+  variables = _compress_stage(job, 'compress', dense)
+  _finetune(job, 'finetune', finetune_config(config), variables, dense)
   return job.finish()
 
 
@@ -263,7 +286,7 @@ def run_musco(config, workdir: str) -> dict:
   """Multi-stage: weakened-VBMF compress a group of layers -> fine-tune."""
   job = jobs.Job(config, workdir, 'musco')
   m = config.musco
-  variables = job.baseline()
+  variables = baseline = job.baseline()
   params, _ = tree.split_variables(variables)
   candidates = list(tree.select_paths(
       tree.layers(params), compress_config.selection_rules(config)))
@@ -296,8 +319,7 @@ def run_musco(config, workdir: str) -> dict:
     ft = finetune_config(config, num_epochs=m.finetune_epochs)
     with ft.unlocked():
       ft.early_stopping_patience = m.patience
-    variables = job.stage(f'{name}_finetune', lambda v=variables, n=name:
-                          job.train(f'{n}_finetune', ft, v))
+    variables = _finetune(job, f'{name}_finetune', ft, variables, baseline)
   return job.finish()
 
 
@@ -309,7 +331,7 @@ def run_adtn(config, workdir: str) -> dict:
   whole network trains through the decode (Qing et al. 2023)."""
   job = jobs.Job(config, workdir, 'adtn')
   a = config.adtn
-  variables = job.baseline()
+  variables = baseline = job.baseline()
 
   def encode():
     out, actions = adtn_lib.adtn_encode(
@@ -337,7 +359,8 @@ def run_adtn(config, workdir: str) -> dict:
   variables = job.stage('encode', encode)
 
   def train():
-    out, info = job.train('adtn_train', finetune_config(config), variables)
+    out, info = job.train('adtn_train', finetune_config(config), variables,
+                          distill=distillation(config, baseline))
     return out, dict(info, **adtn_collapse(variables, out))
 
   job.stage('train', train)

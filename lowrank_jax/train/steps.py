@@ -2,14 +2,15 @@
 
 Batches are NHWC float32 images and (B,) int32 labels, sharded ``P('data')``
 (see :func:`lowrank_jax.train.sharding.shard_batch`); the state is
-replicated. The loss is softmax cross-entropy plus an optional penalty.
+replicated. The loss is softmax cross-entropy, optionally mixed with the
+distillation loss of a teacher network, plus an optional penalty.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -25,17 +26,46 @@ from lowrank_jax.train.sharding import (batch_sharding, make_mesh, replicated,
 from lowrank_jax.train.state import PyTree, TrainState
 
 
+class Distillation(NamedTuple):
+  """Knowledge distillation from a teacher (Hinton et al. 2015).
+
+  ``teacher`` is a variables dict the student's own model runs (any forms:
+  e.g. the dense network a split was made from), evaluated with
+  ``train=False``; the loss becomes ``(1 - weight) * CE + weight *
+  distillation_loss(student, teacher, temperature)``.
+  """
+  teacher: PyTree
+  weight: float
+  temperature: float = 4.0
+
+
+def distillation_loss(logits: jax.Array, teacher_logits: jax.Array,
+                      temperature: float) -> jax.Array:
+  """Mean ``T^2 KL(softmax(teacher / T) || softmax(logits / T))``.
+
+  The ``T^2`` keeps the gradient's scale independent of ``T`` (Hinton et
+  al. 2015), so one weight serves every temperature.
+  """
+  t = temperature
+  targets = jax.nn.softmax(teacher_logits.astype(jnp.float32) / t)
+  kl = optax.losses.kl_divergence(
+      jax.nn.log_softmax(logits.astype(jnp.float32) / t), targets)
+  return t * t * kl.mean()
+
+
 def make_train_step(model: nn.Module, *,
                     penalty_fn: Optional[Callable[[PyTree], jax.Array]] = None,
                     penalty_weight: float = 0.0,
+                    distill: Optional[Distillation] = None,
                     learning_rate_fn: Optional[optax.Schedule] = None,
                     mesh: Optional[Mesh] = None,
                     donate: bool = True):
   """A jitted, sharded SGD step.
 
-  The loss is the mean softmax cross-entropy plus ``penalty_weight *
-  penalty_fn(params)`` when ``penalty_fn`` is given (e.g.
-  :func:`lowrank_jax.orthogonal_penalty` for the He et al. pipeline).
+  The loss is the mean softmax cross-entropy (mixed with the distillation
+  loss when ``distill`` is given) plus ``penalty_weight * penalty_fn(params)``
+  when ``penalty_fn`` is given (e.g. :func:`lowrank_jax.orthogonal_penalty`
+  for the He et al. pipeline).
   BatchNorm models (state with non-empty ``batch_stats``) run with
   ``mutable=['batch_stats']``; the 'dropout' PRNG is
   ``fold_in(state.rng, state.step)`` (a pure function of the step, so
@@ -45,6 +75,7 @@ def make_train_step(model: nn.Module, *,
     model: the Flax module (the state's params may be any tree it runs).
     penalty_fn: ``params -> scalar``, jittable.
     penalty_weight: multiplies the penalty in the loss.
+    distill: a teacher and the weight and temperature of its loss.
     learning_rate_fn: if given, its value at the step is logged.
     mesh: device mesh (default: all devices).
     donate: donate the input state's buffers (the caller must not reuse it).
@@ -52,12 +83,12 @@ def make_train_step(model: nn.Module, *,
   Returns:
     ``train_step(state, (images, labels)) -> (state, metrics)``; metrics are
     replicated scalars 'loss', 'ce', 'accuracy' and, when given, 'penalty'
-    (unweighted) and 'learning_rate'. Batches must be sharded ``P('data')``
-    (see :func:`shard_batch`).
+    (unweighted), 'distill' (unweighted) and 'learning_rate'. Batches must
+    be sharded ``P('data')`` (see :func:`shard_batch`).
   """
   mesh = make_mesh() if mesh is None else mesh
 
-  def loss_fn(params, state, images, labels):
+  def loss_fn(params, state, images, labels, teacher):
     variables = {'params': params}
     # Always offered (unused by models without dropout), so custom models
     # with dropout work too.
@@ -72,33 +103,46 @@ def make_train_step(model: nn.Module, *,
       batch_stats = state.batch_stats
     logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss, penalty = ce, None
+    loss, extra = ce, {}
+    if distill is not None:
+      teacher_logits = jax.lax.stop_gradient(
+          runner.apply(model, teacher, images, train=False))
+      extra['distill'] = distillation_loss(logits, teacher_logits,
+                                           distill.temperature)
+      loss = (1 - distill.weight) * ce + distill.weight * extra['distill']
     if penalty_fn is not None:
-      penalty = jnp.asarray(penalty_fn(params), jnp.float32)
-      loss = ce + penalty_weight * penalty
-    return loss, (ce, penalty, logits, batch_stats)
+      extra['penalty'] = jnp.asarray(penalty_fn(params), jnp.float32)
+      loss = loss + penalty_weight * extra['penalty']
+    return loss, (ce, extra, logits, batch_stats)
 
-  def step(state, batch):
+  def step(state, batch, teacher=None):
     images, labels = batch
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (ce, penalty, logits, batch_stats)), grads = grad_fn(
-        state.params, state, images, labels)
+    (loss, (ce, extra, logits, batch_stats)), grads = grad_fn(
+        state.params, state, images, labels, teacher)
     metrics = {
         'loss': loss, 'ce': ce,
         'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+        **extra,
     }
-    if penalty is not None:
-      metrics['penalty'] = penalty
     if learning_rate_fn is not None:
       metrics['learning_rate'] = jnp.asarray(learning_rate_fn(state.step),
                                              jnp.float32)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return new_state, metrics
 
-  return jax.jit(step,
-                 in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                 out_shardings=(replicated(mesh), replicated(mesh)),
-                 donate_argnums=(0,) if donate else ())
+  if distill is None:
+    return jax.jit(step,
+                   in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+  # The teacher is an argument, not a constant folded into the program.
+  jitted = jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh),
+                                       replicated(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+  teacher = jax.device_put(distill.teacher, replicated(mesh))
+  return lambda state, batch: jitted(state, batch, teacher)
 
 
 def make_eval_step(model: nn.Module, *, mesh: Optional[Mesh] = None):
