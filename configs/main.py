@@ -5,10 +5,9 @@
 vgg7b (docs/benchmark_model.md) on Fashion-MNIST: over-parameterize every
 3x3 conv, train with the orthogonality penalty, collapse, split every conv
 but the first (Tucker-2) at ranks for 3x fewer multiply-adds, re-estimate
-the BatchNorm statistics, fine-tune distilled from the dense network, and
-write report.json / report.md / plots. 10 to 19 minutes on 2 CPU cores,
-depending on the VM (README); the full 20-epoch schedule of the frontier
-is configs/vgg7b.py.
+the BatchNorm statistics, fine-tune, and write report.json / report.md /
+plots. 10 to 19 minutes on 2 CPU cores, depending on the VM (README); the
+full 20-epoch schedule of the frontier is configs/vgg7b.py.
 """
 
 import ml_collections
@@ -29,5 +28,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.he2024.expansion = 1.5  # Inner widths 1.5x the channel counts.
   config.he2024.penalty_weight = 1e-2  # Lambda of the orthogonality penalty.
   config.finetune.num_epochs = 2  # Fine-tuning epochs after the split.
-  config.finetune.distill_weight = 0.5  # Half the loss: the dense network's.
   return config
