@@ -131,16 +131,14 @@ def make_train_step(model: nn.Module, *,
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return new_state, metrics
 
+  jit = functools.partial(
+      jax.jit, out_shardings=(replicated(mesh), replicated(mesh)),
+      donate_argnums=(0,) if donate else ())
+  shardings = (replicated(mesh), batch_sharding(mesh))
   if distill is None:
-    return jax.jit(step,
-                   in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
+    return jit(step, in_shardings=shardings)
   # The teacher is an argument, not a constant folded into the program.
-  jitted = jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh),
-                                       replicated(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
+  jitted = jit(step, in_shardings=shardings + (replicated(mesh),))
   teacher = jax.device_put(distill.teacher, replicated(mesh))
   return lambda state, batch: jitted(state, batch, teacher)
 
