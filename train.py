@@ -130,6 +130,7 @@ from lowrank_jax.train import jobs
 from lowrank_jax.train import loop
 from lowrank_jax.train import metrics
 from lowrank_jax.train import pipelines as pipelines_lib
+from lowrank_jax.train.errors import CheckpointError, ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configs/*.py file with get_config().',
@@ -166,6 +167,20 @@ def _write_config(config, workdir: str) -> None:
   atomic.write_text(path, text)
 
 
+def _check(config, workdir: str) -> None:
+  """Every check of the config and workdir: nothing is written before the
+  config is known to be valid."""
+  config_check.check_known_fields(config, default_config.get_config())
+  config_check.validate_config(config)
+  if config.pipeline != 'train':
+    # Selection rules and FLOP targets resolve against the model's layers.
+    dataset = loop.load_dataset(config)
+    compress_config.validate(config, model=models.get_model(
+        config.model, num_classes=dataset.num_classes),
+                  input_shape=(1,) + dataset.train.images.shape[1:])
+    jobs.check_workdir(config, workdir)   # refuses a changed config
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -181,16 +196,11 @@ def main(argv):
   if config.pipeline not in pipelines:
     raise app.UsageError(f'config.pipeline={config.pipeline!r} is unknown; '
                          f'known pipelines: {sorted(pipelines)}')
-  # Nothing is written before the config is known to be valid.
-  config_check.check_known_fields(config, default_config.get_config())
-  config_check.validate_config(config)
-  if config.pipeline != 'train':
-    # Selection rules and FLOP targets resolve against the model's layers.
-    dataset = loop.load_dataset(config)
-    compress_config.validate(config, model=models.get_model(
-        config.model, num_classes=dataset.num_classes),
-                  input_shape=(1,) + dataset.train.images.shape[1:])
-    jobs.check_workdir(config, workdir)   # refuses a changed config
+  try:
+    _check(config, workdir)
+  except (ConfigError, CheckpointError) as e:
+    # The message names the field or file: no traceback around it.
+    sys.exit(f'train.py: {type(e).__name__}: {e}')
   if jax.process_index() == 0:
     _write_config(config, workdir)
   summary = pipelines[config.pipeline](config, workdir)
@@ -198,5 +208,19 @@ def main(argv):
                     **(summary or {})}, indent=2))
 
 
+def _parse_flags(argv):
+  """absl's flag parsing; an unknown ``--config.<field>`` (ml_collections
+  raises AttributeError, with its closest valid name) exits with the
+  message alone, like the other config errors."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except AttributeError as e:
+    cause = e.args[0] if e.args else e
+    if isinstance(cause, KeyError) and cause.args:   # its repr otherwise
+      cause = cause.args[0]
+    text = ' '.join(str(cause).split())
+    sys.exit(f'train.py: a --config override names no config field: {text}')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -130,6 +130,25 @@ def test_checkpoints_and_variables_restore_on_another_device_count(
     assert 'resumed to step 16' in on_eight('load')
 
 
+def test_cli_names_a_corrupt_stage_index_without_a_traceback(tmp_path):
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  work = tmp_path / 'run'
+  work.mkdir()
+  (work / 'stages.json').write_text('{"baseline": ')
+  out = subprocess.run(
+      [sys.executable, os.path.join(root, 'train.py'), '--config',
+       os.path.join(root, 'configs', 'smoke.py'), '--config.pipeline=direct',
+       '--workdir', str(work)], capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'PYTHONPATH': root})
+  assert out.returncode == 1
+  assert (f'train.py: CheckpointError: {work}/stages.json is not valid JSON'
+          in out.stderr), out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr
+  assert (work / 'stages.json').read_text() == '{"baseline": '
+  assert sorted(os.listdir(work)) == ['stages.json']
+
+
 def test_cli_writes_nothing_for_a_bad_config(tmp_path):
   import subprocess
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +178,7 @@ def test_cli_writes_nothing_for_a_bad_config(tmp_path):
         timeout=300, env={**os.environ, 'PYTHONPATH': root})
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
+    assert 'Traceback' not in out.stderr, out.stderr[-2000:]
     assert not work.exists()
 
 
