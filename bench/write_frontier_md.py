@@ -314,7 +314,8 @@ def _distilled_vs_not(g):
                       _by_seed(plain))
     out += ['', f'Distilled from the network before the split (weight '
             f'{rs[0]["distill_weight"]:g}, temperature 4) against the same '
-            f'fine-tuning without, at the {target:g}× target: {text}.']
+            f'{rs[0].get("finetune_epochs", "?")} fine-tuning epochs '
+            f'without, at the {target:g}× target: {text}.']
   return out
 
 

@@ -301,8 +301,9 @@ def test_section_writes_the_frontier_png_and_tables(tmp_path):
           '(he2024_ft10 − schedule; per seed 0: +0.20; one seed') in text
   assert ('| 4× | he2024, distilled (0.5) | 10 | 0 | 93.20 | **93.05** | '
           '92.70 |') in text
-  assert ('temperature 4) against the same fine-tuning without, at the 4× '
-          'target: +0.15 points (he2024_ft10_kd0.5 − he2024_ft10') in text
+  assert ('temperature 4) against the same 10 fine-tuning epochs without, '
+          'at the 4× target: +0.15 points (he2024_ft10_kd0.5 − he2024_ft10'
+          ) in text
   assert 'he2024_ft10_kd0.5 at the 4× target' in text   # the best at >= 4x
   assert frontier.long_label('he2024_ft10_kd0.5') == (
       'he2024, fine-tuned 10 epochs, distilled (0.5)')
