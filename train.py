@@ -211,15 +211,22 @@ def main(argv):
 def _parse_flags(argv):
   """absl's flag parsing; an unknown ``--config.<field>`` (ml_collections
   raises AttributeError, with its closest valid name) exits with the
-  message alone, like the other config errors."""
+  message alone, like the other config errors. Any other error (a bug in
+  the config file, say) keeps its traceback."""
   try:
     return app.parse_flags_with_usage(argv)
   except AttributeError as e:
-    cause = e.args[0] if e.args else e
-    if isinstance(cause, KeyError) and cause.args:   # its repr otherwise
-      cause = cause.args[0]
-    text = ' '.join(str(cause).split())
-    sys.exit(f'train.py: a --config override names no config field: {text}')
+    cause = e.args[0] if e.args else None
+    if not (isinstance(cause, KeyError) and cause.args):
+      raise
+    text = str(cause.args[0])
+    key = text.split('\n')[0].strip('\'"')
+    fields = {name for arg in argv if arg.startswith('--config.')
+              for name in arg.split('=')[0].split('.')[1:]}
+    if key not in fields:
+      raise
+    sys.exit('train.py: a --config override names no config field: '
+             + ' '.join(text.split()))
 
 
 if __name__ == '__main__':

@@ -149,6 +149,25 @@ def test_cli_names_a_corrupt_stage_index_without_a_traceback(tmp_path):
   assert sorted(os.listdir(work)) == ['stages.json']
 
 
+def test_cli_keeps_the_traceback_of_a_bug_in_the_config_file(tmp_path):
+  """Only an unknown --config.<field> override is shortened to its
+  message: a config file's own AttributeError keeps its traceback."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  bad = tmp_path / 'buggy.py'
+  bad.write_text('from configs import smoke\n\ndef get_config():\n'
+                 '  config = smoke.get_config()\n'
+                 '  config.finetun.num_epochs = 3\n  return config\n')
+  out = subprocess.run(
+      [sys.executable, os.path.join(root, 'train.py'), '--config', str(bad),
+       '--workdir', str(tmp_path / 'run')], capture_output=True, text=True,
+      timeout=300, env={**os.environ, 'PYTHONPATH': root})
+  assert out.returncode != 0
+  assert 'Traceback' in out.stderr and 'buggy.py' in out.stderr
+  assert 'names no config field' not in out.stderr
+  assert not (tmp_path / 'run').exists()
+
+
 def test_cli_writes_nothing_for_a_bad_config(tmp_path):
   import subprocess
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
