@@ -349,6 +349,7 @@ def long_label(pipeline):
   return (f'{base}, fine-tuned {epochs} epochs'
           + (f', distilled ({kd})' if kd else ''))
 
+
 def _label(pipeline, target):
   return f'{pipeline} at the {target:g}× target' if target else pipeline
 

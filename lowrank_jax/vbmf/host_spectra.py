@@ -6,7 +6,8 @@ one LAPACK eigenproblem per matrix; XLA adds tracing, lowering and
 compiling, which were most of a first :func:`~lowrank_jax.vbmf_ranks` call
 (docs/benchmarks_vbmf_stages.md), and its Gram products took 1.8-2.6x
 the time of NumPy's (that page, two VMs), which runs ``a @ a.T`` as BLAS
-``?syrk`` (half the flops of the general product). :func:`host_spectra` returns the very arrays of
+``?syrk`` (half the flops of the general product). :func:`host_spectra`
+returns the very arrays of
 :func:`~lowrank_jax.vbmf.spectra._network_spectra_impl` (same Gram
 matrices, same power-of-two scaling by the largest diagonal entry, same
 cut, same zero padding, same flags) from NumPy: float32 products and
